@@ -1,0 +1,38 @@
+"""Shared fixtures: where the real face data lives (``../shared/data`` beside the checkout)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("PRIVFACE_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.exists():
+        pytest.fail(f"face data not found at {DATA} (set PRIVFACE_DATA)")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def lfw_dir(data_dir: Path) -> Path:
+    return data_dir / "lfw" / "lfw-deepfunneled"
+
+
+@pytest.fixture(scope="session")
+def att_dir(data_dir: Path) -> Path:
+    return data_dir / "att_faces"
+
+
+@pytest.fixture(scope="session")
+def aligned_faces(lfw_dir: Path) -> np.ndarray:
+    """A few real aligned LFW faces, (N, 112, 112, 3) uint8."""
+    from enrollment.align import align_file
+
+    files = sorted(lfw_dir.glob("A*/*_0001.jpg"))[:6]
+    return np.stack([align_file(f).image for f in files])
