@@ -1,0 +1,1 @@
+"""Alembic migrations of the privface schema; run them with :func:`storage.migrate.upgrade`."""
