@@ -142,14 +142,20 @@ def coefficient_maps(planes, pairs, factor: int, dtype: torch.dtype = torch.floa
     x = torch.as_tensor(planes).to(dtype)
     n, _, size, _ = x.shape
     m = _torch_operators(factor, size, dtype)
-    p = torch.as_tensor(np.asarray(pairs), dtype=torch.long)
-    if p.ndim == 2:
+    pairs = np.asarray(pairs)
+    if pairs.ndim == 2:
+        p = torch.as_tensor(pairs, dtype=torch.long)
         left = torch.matmul(m[p[:, 1]], x[:, p[:, 0]])  # (N, K, s, S)
         out = torch.matmul(left, m[p[:, 2]].transpose(-1, -2))
     else:
-        batch = torch.arange(n)[:, None]
-        left = torch.matmul(m[p[..., 1]], x[batch, p[..., 0]])
-        out = torch.matmul(left, m[p[..., 2]].transpose(-1, -2))
+        # Per-sample channel sets: group the samples that share one (a rank), so each group
+        # is the shared-pairs case instead of gathering an operator per sample and channel.
+        side = m.shape[1]
+        out = x.new_empty((n, pairs.shape[1], side, side))
+        groups, inverse = np.unique(pairs.reshape(n, -1), axis=0, return_inverse=True)
+        for g, row in enumerate(groups):
+            members = torch.from_numpy(np.flatnonzero(inverse.ravel() == g))
+            out[members] = coefficient_maps(x[members], row.reshape(-1, 3), factor, dtype)
     return out.numpy() if as_numpy else out
 
 

@@ -12,6 +12,14 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("PRIVFACE_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tests share 2 cores with servers they start; oversubscribed BLAS threads thrash."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not DATA.exists():

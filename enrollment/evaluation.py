@@ -1,0 +1,195 @@
+"""LFW verification (folds 6-10) and 1:N identification of model variants (method.md §7).
+
+Every variant is measured the same way in the same run on the same cached alignment: the
+protected model with a random rank per image, the protected model per fixed subset, the same
+architecture on RGB, a fixed-rank ("vanilla") model on random ranks, and the dlib teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from enrollment import identity_mapping as im
+from enrollment.face_cache import FaceCache, build_cache
+from enrollment.lfw_protocol import held_out_identities, held_out_pairs
+from enrollment.metrics import cross_validated_accuracy, identification, roc, tar_at_far
+from enrollment.model_io import embed, load_model, model_inputs, profile_for
+
+Embedder = Callable[[np.ndarray], np.ndarray]  # image indices -> unit embeddings
+
+
+def model_embedder(
+    path: str | os.PathLike,
+    cache: FaceCache,
+    seed: int,
+    subset: int | None = None,
+    flip: bool = True,
+    rank: tuple[int, int] | None = None,
+) -> Embedder:
+    """Embeddings of cached faces: random rank per image (or a fixed subset / rank), + flip."""
+    model, info = load_model(path)
+    profile = profile_for(info)
+
+    def ranks_for(n: int, rng: np.random.Generator) -> np.ndarray | None:
+        if info["kind"] != "partialface":
+            return None
+        if rank is not None:
+            return np.tile(np.array(rank), (n, 1))
+        s = rng.integers(0, len(profile.subsets), n) if subset is None else np.full(n, subset)
+        return np.stack([s, rng.integers(0, len(profile.permutations), n)], 1)
+
+    memo: dict[bytes, np.ndarray] = {}
+
+    def run(indices: np.ndarray) -> np.ndarray:
+        key = np.asarray(indices).tobytes()
+        if key not in memo:
+            memo[key] = compute(indices)
+        return memo[key]
+
+    def compute(indices: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        out = []
+        for i in range(0, len(indices), 512):
+            chunk = indices[i : i + 512]
+            faces = torch.from_numpy(cache.images[chunk].astype(np.float32)).permute(0, 3, 1, 2)
+            views = [faces, faces.flip(-1)] if flip else [faces]
+            total = 0
+            for v in views:
+                x = model_inputs(v, info["kind"], profile, ranks_for(len(chunk), rng))
+                total = total + embed(model, x)
+            out.append(total / np.linalg.norm(total, axis=1, keepdims=True))
+        return np.concatenate(out)
+
+    return run
+
+
+def teacher_embedder(cache: FaceCache) -> Embedder:
+    """The dlib descriptors, scored by cosine: on LFW folds 6-10 it beats dlib's own
+    Euclidean distance here (98.6% against 98.3%, same alignment, same run)."""
+
+    def run(indices: np.ndarray) -> np.ndarray:
+        d = cache.teacher[indices].astype(np.float64)
+        return d / np.linalg.norm(d, axis=1, keepdims=True)
+
+    return run
+
+
+MAPPING_SECRET = b"privface-evaluation-only"
+
+
+def mapped_pair_scores(
+    ea: np.ndarray, eb: np.ndarray, names_a: list[str], names_b: list[str], mode: str
+) -> np.ndarray:
+    """Cosine scores of pairs after the identity mapping (method.md §5).
+
+    ``gallery``: one key for everyone (what 1:N search needs); ``subject``: each image under
+    its own identity's key, so impostors present their own key (the two-factor case);
+    ``stolen``: the impostor holds the claimed identity's key (both sides under A's key).
+    """
+    def key(context: str) -> im.MappingKey:
+        return im.derive_key(MAPPING_SECRET, context)
+
+    if mode == "gallery":
+        k = key("gallery:eval:v1")
+        return im.cosine(im.protect(ea, k), im.protect(eb, k))
+    scores = np.empty(len(ea))
+    for i, (a, b) in enumerate(zip(names_a, names_b, strict=True)):
+        ka = key(f"subject:{a}:v1")
+        kb = ka if mode == "stolen" else key(f"subject:{b}:v1")
+        scores[i] = im.cosine(im.protect(ea[i], ka), im.protect(eb[i], kb))[0]
+    return scores
+
+
+def verification(
+    embedder: Embedder, cache: FaceCache, pairs_txt: str, mapping: str | None = None
+) -> dict:
+    """LFW folds 6-10: CV accuracy (mean, std), TAR at FAR 1e-3, ROC points, threshold.
+
+    ``mapping`` scores protected templates instead of embeddings (see mapped_pair_scores).
+    """
+    pairs = held_out_pairs(pairs_txt)
+    where = cache.index()
+    a = np.array([where[p.path_a] for p in pairs])
+    b = np.array([where[p.path_b] for p in pairs])
+    uniq, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
+    e = embedder(uniq)
+    ea, eb = e[inv[: len(a)]], e[inv[len(a) :]]
+    if mapping is None:
+        scores = np.sum(ea * eb, axis=1)
+    else:
+        names_a = [p.path_a.split("/")[0] for p in pairs]
+        names_b = [p.path_b.split("/")[0] for p in pairs]
+        scores = mapped_pair_scores(ea, eb, names_a, names_b, mapping)
+    same = np.array([p.same for p in pairs])
+    folds = np.array([p.fold for p in pairs])
+    acc, std, per_fold = cross_validated_accuracy(scores, same, folds)
+    tar, threshold = tar_at_far(scores, same, 1e-3)
+    far, tar_curve = roc(scores, same)
+    keep = np.unique(np.linspace(0, len(far) - 1, 300).astype(int))
+    return {
+        "accuracy": acc,
+        "accuracy_std": std,
+        "accuracy_per_fold": per_fold,
+        "tar_at_far_1e-3": tar,
+        "threshold_at_far_1e-3": threshold,
+        "roc": {"far": far[keep].tolist(), "tar": tar_curve[keep].tolist()},
+    }
+
+
+def identification_split(cache: FaceCache, pairs_txt: str) -> dict[str, np.ndarray]:
+    """Test identities: first image enrolled, the rest mated probes; singletons non-mated."""
+    names = held_out_identities(pairs_txt)
+    ident = np.array([p.split("/")[0] for p in cache.paths])
+    gallery, probes, mated = [], [], []
+    for name in sorted(names):
+        idx = np.flatnonzero(ident == name)
+        if len(idx) >= 2:
+            gallery.append(idx[0])
+            probes += list(idx[1:])
+            mated += [True] * (len(idx) - 1)
+        elif len(idx) == 1:
+            probes.append(idx[0])
+            mated.append(False)
+    return {"gallery": np.array(gallery), "probes": np.array(probes), "mated": np.array(mated)}
+
+
+def identify(embedder: Embedder, cache: FaceCache, pairs_txt: str) -> dict:
+    split = identification_split(cache, pairs_txt)
+    g, p = split["gallery"], split["probes"]
+    eg, ep = embedder(g), embedder(p)
+    labels = cache.labels
+    return identification(ep @ eg.T, labels[g], labels[p], split["mated"])
+
+
+def lfw_cache(data_dir: str | os.PathLike, cache_dir: str | os.PathLike) -> FaceCache:
+    return build_cache(Path(data_dir) / "lfw-deepfunneled", cache_dir)
+
+
+def variants(
+    models: dict[str, str], cache: FaceCache, seed: int, flip: bool
+) -> dict[str, Embedder]:
+    """The embedders to compare, by JSON name."""
+    out: dict[str, Embedder] = {}
+    if "protected" in models:
+        out["protected"] = model_embedder(models["protected"], cache, seed, flip=flip)
+        for s in range(6):
+            out[f"subset_{s}"] = model_embedder(
+                models["protected"], cache, seed, subset=s, flip=flip
+            )
+    if "rgb" in models:
+        out["rgb"] = model_embedder(models["rgb"], cache, seed, flip=flip)
+    if "vanilla" in models:
+        out["vanilla"] = model_embedder(models["vanilla"], cache, seed, flip=flip)
+    out["teacher"] = teacher_embedder(cache)
+    return out
+
+
+def write_json(path: str | os.PathLike, obj: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=2))

@@ -1,0 +1,101 @@
+"""Model inputs, embeddings and the shipped model file.
+
+One place decides how a batch of aligned faces becomes what a model variant eats (protected
+input with a rank per face, fixed-rank, RGB), so training, evaluation and the service agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from enrollment import hfcf, partialface
+from enrollment.backbone import Backbone, BackboneConfig
+from enrollment.frequency import coefficient_maps, rgb_to_ycbcr_shifted
+from enrollment.profiles import ProtectionProfile, get_profile
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_MODEL = WEIGHTS_DIR / "partialface-paper.pt"
+
+
+def rank_table(profile: ProtectionProfile) -> np.ndarray:
+    """(subsets, permutations, 27) channel indices of every rank of a profile."""
+    return np.array(
+        [
+            [profile.rank_channels(s, p) for p in range(len(profile.permutations))]
+            for s in range(len(profile.subsets))
+        ]
+    )
+
+
+def model_inputs(
+    faces: torch.Tensor,
+    kind: str,
+    profile: ProtectionProfile | None,
+    ranks: np.ndarray | None = None,
+) -> torch.Tensor:
+    """(N, 3, 112, 112) float RGB in [0, 255] -> what a model of ``kind`` takes.
+
+    ``partialface``: the rank's 27 channels per face (``ranks`` (N, 2)); ``rgb``: the image
+    itself; ``hfcf``: the 71-channel HFCF input without noise (noise is the client's).
+    """
+    if kind == "rgb":
+        return (faces - 127.5) / 128.0
+    if kind == "partialface":
+        channels = rank_table(profile)[ranks[:, 0], ranks[:, 1]]
+        pairs = partialface.channel_pairs(channels)
+        planes = torch.as_tensor(rgb_to_ycbcr_shifted(faces.double().numpy())).float()
+        return coefficient_maps(planes, pairs, profile.factor)
+    if kind == "hfcf":
+        arr = faces.permute(0, 2, 3, 1).numpy()
+        return torch.from_numpy(hfcf.protect(arr, None, profile.factor))
+    raise ValueError(f"unknown input kind {kind!r}")
+
+
+@torch.no_grad()
+def embed(model: Backbone, inputs: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """L2-normalised embeddings of model inputs."""
+    model.eval()
+    out = []
+    for i in range(0, len(inputs), batch_size):
+        e = model(inputs[i : i + batch_size].float())
+        out.append(torch.nn.functional.normalize(e, dim=1))
+    return torch.cat(out).numpy()
+
+
+def save_model(
+    path: str | os.PathLike, model: Backbone, kind: str, profile: str | None, meta: dict
+) -> None:
+    """Weights in float16 (half the bytes, no measurable loss) plus everything to rebuild."""
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    blob = {
+        "config": model.config.to_dict(),
+        "kind": kind,
+        "profile": profile,
+        "meta": json.dumps(meta),
+        "state_dict": state,
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def load_model(path: str | os.PathLike = DEFAULT_MODEL) -> tuple[Backbone, dict]:
+    """(model in eval mode, info: kind, profile, meta) from a saved model file."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    model = Backbone(BackboneConfig.from_dict(blob["config"]))
+    model.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
+    )
+    model.eval()
+    info = {"kind": blob["kind"], "profile": blob["profile"], "meta": json.loads(blob["meta"])}
+    return model, info
+
+
+def profile_for(info: dict) -> ProtectionProfile | None:
+    return get_profile(info["profile"]) if info.get("profile") else None

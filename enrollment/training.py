@@ -1,0 +1,377 @@
+"""Training a recognition model on protected inputs (method.md §1 item 8, §2, §7).
+
+Signal: cosine distillation from the dlib RGB teacher (its descriptors centred on the
+training mean, then lifted to the embedding size by a fixed orthonormal map so the whole
+embedding is trained) plus, optionally, an ArcFace margin loss on identity labels.  Every
+sample draws a fresh random rank each time it is used and is used ``uses_per_epoch`` times
+per epoch.  Colour can be missing in the field (greyscale cameras), so a fraction of samples
+is turned grey while keeping the colour teacher's target.  Checkpoints after every epoch make
+a run resumable; a JSONL log records loss and held-out accuracy per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from enrollment.backbone import Backbone, BackboneConfig, count_parameters
+from enrollment.face_cache import FaceCache, build_cache
+from enrollment.lfw_protocol import held_out_identities
+from enrollment.metrics import best_threshold
+from enrollment.model_io import embed, model_inputs, save_model
+from enrollment.profiles import get_profile
+
+GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+@dataclass
+class TrainConfig:
+    data: list[str]
+    out_dir: str
+    cache_dir: str
+    pairs: str | None = None  # LFW pairs.txt: identities of folds 6-10 are excluded
+    kind: str = "partialface"  # "partialface", "rgb" or "hfcf"
+    profile: str = "partialface-paper"
+    fixed_rank: tuple[int, int] | None = None  # the "vanilla" baseline: one rank only
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    epochs: int = 20
+    uses_per_epoch: int = 3
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_steps: int = 200
+    distill_weight: float = 1.0
+    arcface_weight: float = 0.0
+    arcface_scale: float = 32.0
+    arcface_margin: float = 0.3
+    greyscale_p: float = 0.2
+    flip_p: float = 0.5
+    shift_px: int = 3
+    val_identities: int = 60
+    seed: int = 0
+    limit_identities: int | None = None
+    threads: int | None = None
+    workers: int = 2
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["backbone"] = self.backbone.to_dict()
+        return d
+
+
+def excluded_identities(config: TrainConfig) -> set[str]:
+    return held_out_identities(config.pairs) if config.pairs else set()
+
+
+def load_training_data(config: TrainConfig) -> tuple[FaceCache, list[str]]:
+    """All datasets merged, with test identities removed; identity names are prefixed per set."""
+    excluded = excluded_identities(config)
+    parts, names = [], []
+    for root in config.data:
+        cache = build_cache(
+            root, config.cache_dir, workers=config.workers, limit_identities=config.limit_identities
+        )
+        keep = np.array([cache.identities[label] not in excluded for label in cache.labels])
+        prefix = Path(root).name
+        names_here = [f"{prefix}/{n}" for n in cache.identities]
+        offset = len(names)
+        names += names_here
+        parts.append(
+            FaceCache(
+                images=cache.images[keep],
+                labels=cache.labels[keep] + offset,
+                identities=np.array(names_here),
+                paths=cache.paths[keep],
+                teacher=cache.teacher[keep],
+                detected=cache.detected[keep],
+            )
+        )
+    merged = FaceCache(
+        images=np.concatenate([p.images for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        identities=np.array(names),
+        paths=np.concatenate([p.paths for p in parts]),
+        teacher=np.concatenate([p.teacher for p in parts]),
+        detected=np.concatenate([p.detected for p in parts]),
+    )
+    return merged, names
+
+
+def split_validation(labels: np.ndarray, n_val: int, seed: int) -> np.ndarray:
+    """Boolean mask of held-out images: all images of n_val identities with >= 2 images."""
+    ids, counts = np.unique(labels, return_counts=True)
+    multi = ids[counts >= 2]
+    rng = np.random.default_rng(seed + 7)
+    size = min(n_val, len(multi) // 5)
+    if size < 2:  # impostor pairs need two identities
+        return np.zeros(len(labels), dtype=bool)
+    chosen = rng.choice(multi, size=size, replace=False)
+    return np.isin(labels, chosen)
+
+
+def validation_pairs(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """All genuine pairs of the held-out images and as many random impostor pairs."""
+    genuine = [
+        (i, j)
+        for i in range(len(labels))
+        for j in range(i + 1, len(labels))
+        if labels[i] == labels[j]
+    ]
+    if len(np.unique(labels)) < 2:
+        return np.zeros((0, 2), dtype=int), np.zeros(0, dtype=bool)
+    rng = np.random.default_rng(seed + 11)
+    impostor = []
+    while len(impostor) < len(genuine):
+        i, j = rng.integers(0, len(labels), 2)
+        if labels[i] != labels[j]:
+            impostor.append((i, j))
+    pairs = np.array(genuine + impostor)
+    same = np.array([True] * len(genuine) + [False] * len(impostor))
+    return pairs, same
+
+
+def lift_matrix(dim_in: int, dim_out: int, seed: int = 1234) -> torch.Tensor:
+    """Fixed (dim_out, dim_in) map: orthonormal columns when lifting (cosines preserved
+    exactly), orthonormal rows when projecting to a smaller embedding (tiny test models)."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(max(dim_in, dim_out), min(dim_in, dim_out), generator=g))
+    return q if dim_out >= dim_in else q.T
+
+
+class ArcFace(nn.Module):
+    """Additive angular margin softmax (Deng et al. 2019) over identity labels."""
+
+    def __init__(self, dim: int, n_classes: int, scale: float, margin: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_classes, dim) * 0.01)
+        self.scale, self.margin = scale, margin
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        cos = nn.functional.linear(
+            nn.functional.normalize(emb), nn.functional.normalize(self.weight)
+        ).clamp(-1 + 1e-6, 1 - 1e-6)
+        target = cos.gather(1, labels[:, None])
+        theta = torch.acos(target)
+        with_margin = torch.where(
+            theta + self.margin < math.pi,
+            torch.cos(theta + self.margin),
+            target - self.margin * math.sin(self.margin),
+        )
+        logits = cos.scatter(1, labels[:, None], with_margin) * self.scale
+        return nn.functional.cross_entropy(logits, labels)
+
+
+def augment(images: np.ndarray, config: TrainConfig, rng: np.random.Generator) -> torch.Tensor:
+    """Flip, small shift, and greyscale (colour missing) -> (N, 3, 112, 112) float [0, 255]."""
+    x = images.astype(np.float32)
+    flip = rng.random(len(x)) < config.flip_p
+    x[flip] = x[flip, :, ::-1]
+    if config.shift_px:
+        out = np.empty_like(x)
+        pad = np.pad(
+            x, ((0, 0), (config.shift_px,) * 2, (config.shift_px,) * 2, (0, 0)), mode="edge"
+        )
+        offs = rng.integers(0, 2 * config.shift_px + 1, (len(x), 2))
+        for i, (dy, dx) in enumerate(offs):
+            out[i] = pad[i, dy : dy + 112, dx : dx + 112]
+        x = out
+    grey = rng.random(len(x)) < config.greyscale_p
+    if grey.any():
+        x[grey] = (x[grey] @ GREY)[..., None]
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
+
+def draw(n: int, config: TrainConfig, rng: np.random.Generator) -> np.ndarray | None:
+    if config.kind != "partialface":
+        return None
+    if config.fixed_rank is not None:
+        return np.tile(np.array(config.fixed_rank), (n, 1))
+    p = get_profile(config.profile)
+    return np.stack(
+        [rng.integers(0, len(p.subsets), n), rng.integers(0, len(p.permutations), n)], axis=1
+    )
+
+
+def validate(model: Backbone, data: FaceCache, config: TrainConfig, pairs, same) -> float:
+    """Accuracy at the best threshold on held-out identities, a random rank per image."""
+    if len(pairs) == 0:
+        return float("nan")
+    rng = np.random.default_rng(config.seed + 99)
+    faces = torch.from_numpy(data.images.astype(np.float32)).permute(0, 3, 1, 2)
+    profile = get_profile(config.profile) if config.kind != "rgb" else None
+    inputs = model_inputs(faces, config.kind, profile, draw(len(faces), config, rng))
+    e = embed(model, inputs)
+    scores = np.sum(e[pairs[:, 0]] * e[pairs[:, 1]], axis=1)
+    return float(np.mean((scores >= best_threshold(scores, same)) == same))
+
+
+def lr_at(step: int, total: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train(config: TrainConfig, progress: bool = True) -> dict:
+    """Train (or resume) into ``out_dir``; returns the final summary."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    data, names = load_training_data(config)
+    val_mask = split_validation(data.labels, config.val_identities, config.seed)
+    train_idx = np.flatnonzero(~val_mask)
+    val = FaceCache(
+        *(
+            getattr(data, f)[val_mask] if f != "identities" else data.identities
+            for f in FaceCache.__dataclass_fields__
+        )
+    )
+    val_pairs, val_same = validation_pairs(val.labels, config.seed)
+
+    teacher = data.teacher[train_idx]
+    mean = teacher.mean(axis=0)
+    centred = data.teacher - mean
+    centred /= np.linalg.norm(centred, axis=1, keepdims=True) + 1e-8
+    lift = lift_matrix(centred.shape[1], config.backbone.embedding_size)
+    targets = nn.functional.normalize(torch.from_numpy(centred).float() @ lift.T, dim=1)
+
+    # ArcFace classes: training identities with at least two training images.
+    ids, counts = np.unique(data.labels[train_idx], return_counts=True)
+    classes = {int(i): k for k, i in enumerate(ids[counts >= 2])}
+    class_of = np.array([classes.get(int(lab), -1) for lab in data.labels])
+
+    in_ch = {"partialface": 27, "rgb": 3, "hfcf": 71}[config.kind]
+    bcfg = BackboneConfig.from_dict({**config.backbone.to_dict(), "in_channels": in_ch})
+    model = Backbone(bcfg)
+    arcface = ArcFace(
+        bcfg.embedding_size, max(len(classes), 1), config.arcface_scale, config.arcface_margin
+    )
+    decay, no_decay = [], []
+    for module in [model, arcface]:
+        for p in module.parameters():
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    opt = torch.optim.SGD(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=True,
+    )
+    steps_per_epoch = len(train_idx) * config.uses_per_epoch // config.batch_size
+    total = steps_per_epoch * config.epochs
+    start_epoch, step = 0, 0
+    ckpt_path = out / "checkpoint.pt"
+    log_path = out / "log.jsonl"
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        arcface.load_state_dict(ckpt["arcface"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start_epoch, step = ckpt["epoch"], ckpt["step"]
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    summary = {
+        "parameters": count_parameters(model),
+        "train_images": int(len(train_idx)),
+        "train_identities": int(len(np.unique(data.labels[train_idx]))),
+        "arcface_classes": len(classes),
+        "val_images": int(val_mask.sum()),
+        "val_pairs": int(len(val_pairs)),
+    }
+    for epoch in range(start_epoch, config.epochs):
+        rng = np.random.default_rng([config.seed, epoch])
+        order = rng.permutation(np.repeat(train_idx, config.uses_per_epoch))
+        model.train()
+        arcface.train()
+        t0 = time.time()
+        sums = {"loss": 0.0, "distill": 0.0, "arcface": 0.0}
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=not progress,
+            unit="batch",
+        )
+        for b in bar:
+            idx = order[b * config.batch_size : (b + 1) * config.batch_size]
+            faces = augment(data.images[idx], config, rng)
+            x = model_inputs(
+                faces,
+                config.kind,
+                get_profile(config.profile) if config.kind != "rgb" else None,
+                draw(len(idx), config, rng),
+            )
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, config)
+            emb = model(x)
+            distill = (1 - nn.functional.cosine_similarity(emb, targets[idx])).mean()
+            loss = config.distill_weight * distill
+            arc = torch.zeros(())
+            labelled = torch.from_numpy(class_of[idx])
+            mask = labelled >= 0
+            if config.arcface_weight > 0 and mask.any():
+                arc = arcface(emb[mask], labelled[mask])
+                loss = loss + config.arcface_weight * arc
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            sums["loss"] += loss.item()
+            sums["distill"] += distill.item()
+            sums["arcface"] += arc.item()
+            if b % 10 == 0:
+                bar.set_postfix(
+                    loss=f"{sums['loss'] / (b + 1):.4f}", lr=f"{lr_at(step, total, config):.4f}"
+                )
+        bar.close()
+        val_acc = validate(model, val, config, val_pairs, val_same)
+        record = {
+            "epoch": epoch + 1,
+            "step": step,
+            **{k: v / max(steps_per_epoch, 1) for k, v in sums.items()},
+            "val_accuracy": val_acc,
+            "seconds": time.time() - t0,
+            "img_per_s": steps_per_epoch * config.batch_size / (time.time() - t0),
+        }
+        with log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if progress:
+            print(json.dumps(record), flush=True)
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "arcface": arcface.state_dict(),
+                "optimizer": opt.state_dict(),
+                "epoch": epoch + 1,
+                "step": step,
+            },
+            tmp,
+        )
+        os.replace(tmp, ckpt_path)
+        summary["last"] = record
+    summary["teacher_mean"] = mean.tolist()
+    profile = config.profile if config.kind != "rgb" else None
+    save_model(
+        out / "model.pt",
+        model,
+        config.kind,
+        profile,
+        {
+            "train": config.to_dict(),
+            "summary": {k: v for k, v in summary.items() if k != "teacher_mean"},
+        },
+    )
+    return summary

@@ -1,0 +1,176 @@
+"""Model commands: ``privface train`` and ``privface eval lfw|identify``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from enrollment.backbone import BackboneConfig
+from privface.config import load_settings
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def cmd_train(args) -> int:
+    from enrollment.training import TrainConfig, train
+
+    settings = load_settings(args.config)
+    backbone = BackboneConfig(
+        widths=_ints(args.widths),
+        blocks=_ints(args.blocks),
+        stem_stride=args.stem_stride,
+        strides=_ints(args.strides),
+        embedding_size=args.embedding_size,
+    )
+    config = TrainConfig(
+        data=args.data,
+        out_dir=args.out,
+        cache_dir=args.cache_dir or settings.cache_dir,
+        pairs=args.pairs,
+        kind=args.kind,
+        profile=args.profile,
+        fixed_rank=_ints(args.fixed_rank) if args.fixed_rank else None,
+        backbone=backbone,
+        epochs=args.epochs,
+        uses_per_epoch=args.uses_per_epoch,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        distill_weight=args.distill_weight,
+        arcface_weight=args.arcface_weight,
+        greyscale_p=args.greyscale_p,
+        seed=args.seed,
+        limit_identities=args.limit_identities,
+        threads=args.threads,
+        warmup_steps=args.warmup_steps,
+        val_identities=args.val_identities,
+    )
+    summary = train(config, progress=not args.quiet)
+    print(json.dumps({k: v for k, v in summary.items() if k != "teacher_mean"}, indent=2))
+    if args.ship:
+        Path(args.ship).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(args.out) / "model.pt", args.ship)
+        print(f"shipped {args.ship} ({Path(args.ship).stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def _models(args) -> dict[str, str]:
+    from enrollment.model_io import DEFAULT_MODEL
+
+    models = {"protected": args.model or str(DEFAULT_MODEL)}
+    if args.rgb_model:
+        models["rgb"] = args.rgb_model
+    if args.vanilla_model:
+        models["vanilla"] = args.vanilla_model
+    return models
+
+
+def _plot(
+    path: str,
+    curves: dict[str, tuple[list, list]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    loglog: bool = False,
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for name, (x, y) in curves.items():
+        x, y = np.asarray(x), np.asarray(y)
+        ok = (x > 0) & (y > 0) if loglog else x > 0
+        ax.plot(x[ok], y[ok], label=name)
+    ax.set_xscale("log")
+    if loglog:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_eval(args) -> int:
+    from tqdm import tqdm
+
+    from enrollment import evaluation as ev
+
+    settings = load_settings(args.config)
+    data = Path(args.data)
+    pairs_txt = str(data / "lfw" / "pairs.txt")
+    cache = ev.lfw_cache(data / "lfw", args.cache_dir or settings.cache_dir)
+    embedders = ev.variants(_models(args), cache, args.seed, flip=not args.no_flip)
+    results: dict[str, dict] = {}
+    for name, embedder in tqdm(embedders.items(), desc=f"eval {args.protocol}", unit="variant"):
+        if args.protocol == "lfw":
+            results[name] = ev.verification(embedder, cache, pairs_txt)
+            if name == "protected":
+                for mode in ("gallery", "subject", "stolen"):
+                    results[f"protected_idmap_{mode}"] = ev.verification(
+                        embedder, cache, pairs_txt, mapping=mode
+                    )
+        else:
+            results[name] = ev.identify(embedder, cache, pairs_txt)
+    if args.protocol == "lfw":
+        spread = [results[f"subset_{s}"]["accuracy"] for s in range(6) if f"subset_{s}" in results]
+        summary = {"subset_spread": max(spread) - min(spread)} if spread else {}
+        print(f"{'variant':<12}{'accuracy':>10}{'std':>8}{'TAR@1e-3':>10}")
+        for name, r in results.items():
+            print(
+                f"{name:<12}{r['accuracy']:>10.4f}{r['accuracy_std']:>8.4f}"
+                f"{r['tar_at_far_1e-3']:>10.4f}"
+            )
+        if spread:
+            print(f"spread across subsets: {summary['subset_spread'] * 100:.2f} points")
+        if args.plot:
+            _plot(
+                args.plot,
+                {
+                    n: (r["roc"]["far"], r["roc"]["tar"])
+                    for n, r in results.items()
+                    if not n.startswith("subset_")
+                },
+                "false accept rate",
+                "true accept rate",
+                "LFW folds 6-10 ROC",
+            )
+    else:
+        summary = {}
+        print(f"{'variant':<12}{'rank1':>8}{'rank5':>8}{'FNIR@.01':>10}{'FNIR@.003':>11}")
+        for name, r in results.items():
+            print(
+                f"{name:<12}{r['rank1']:>8.4f}{r['rank5']:>8.4f}{r['fnir_at_fpir_0.01']:>10.4f}"
+                f"{r['fnir_at_fpir_0.003']:>11.4f}"
+            )
+        if args.plot:
+            _plot(
+                args.plot,
+                {
+                    n: (r["det"]["fpir"], r["det"]["fnir"])
+                    for n, r in results.items()
+                    if not n.startswith("subset_")
+                },
+                "FPIR",
+                "FNIR",
+                "LFW 1:N identification DET",
+                loglog=True,
+            )
+    out = {
+        **results,
+        **({"summary": summary} if summary else {}),
+        "settings": {"flip": not args.no_flip, "seed": args.seed, "models": _models(args)},
+    }
+    if args.json:
+        ev.write_json(args.json, out)
+    return 0
