@@ -18,7 +18,13 @@ import torch
 from enrollment import identity_mapping as im
 from enrollment.face_cache import FaceCache, build_cache
 from enrollment.lfw_protocol import held_out_identities, held_out_pairs
-from enrollment.metrics import cross_validated_accuracy, identification, roc, tar_at_far
+from enrollment.metrics import (
+    cross_validated_accuracy,
+    identification,
+    roc,
+    tar_at_far,
+    threshold_at_far,
+)
 from enrollment.model_io import embed, load_model, model_inputs, profile_for
 
 Embedder = Callable[[np.ndarray], np.ndarray]  # image indices -> unit embeddings
@@ -31,8 +37,12 @@ def model_embedder(
     subset: int | None = None,
     flip: bool = True,
     rank: tuple[int, int] | None = None,
+    greyscale: bool = False,
 ) -> Embedder:
-    """Embeddings of cached faces: random rank per image (or a fixed subset / rank), + flip."""
+    """Embeddings of cached faces: random rank per image (or a fixed subset / rank), + flip.
+
+    ``greyscale`` drops the colour first (as from a greyscale camera: Cb = Cr = 0).
+    """
     model, info = load_model(path)
     profile = profile_for(info)
 
@@ -57,7 +67,11 @@ def model_embedder(
         out = []
         for i in range(0, len(indices), 512):
             chunk = indices[i : i + 512]
-            faces = torch.from_numpy(cache.images[chunk].astype(np.float32)).permute(0, 3, 1, 2)
+            images = cache.images[chunk].astype(np.float32)
+            if greyscale:
+                images = np.repeat(images @ np.array([0.299, 0.587, 0.114], np.float32), 3)
+                images = images.reshape(len(chunk), 112, 112, 3)
+            faces = torch.from_numpy(images).permute(0, 3, 1, 2)
             views = [faces, faces.flip(-1)] if flip else [faces]
             total = 0
             for v in views:
@@ -139,6 +153,36 @@ def verification(
         "tar_at_far_1e-3": tar,
         "threshold_at_far_1e-3": threshold,
         "roc": {"far": far[keep].tolist(), "tar": tar_curve[keep].tolist()},
+    }
+
+
+def impostor_threshold(
+    embedder: Embedder, cache: FaceCache, pairs_txt: str, far: float = 1e-3,
+    n_pairs: int = 300_000, seed: int = 0,
+) -> dict:
+    """Score thresholds at ``far`` from many random different-identity pairs of test images.
+
+    1,500 impostor pairs of the protocol pin FAR 1e-3 on one or two pairs; hundreds of
+    thousands of cross-identity pairs of the same (unseen) identities calibrate it properly.
+    Returned for embeddings and for templates under one gallery identity-mapping key.
+    """
+    names = held_out_identities(pairs_txt)
+    ident = np.array([p.split("/")[0] for p in cache.paths])
+    idx = np.flatnonzero(np.isin(ident, list(names)))
+    e = embedder(idx)
+    key = im.derive_key(MAPPING_SECRET, "gallery:eval:v1")
+    t = im.protect(e, key)
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, len(idx), (2, n_pairs))
+    keep = ident[idx[a]] != ident[idx[b]]
+    a, b = a[keep], b[keep]
+    emb_scores = np.sum(e[a] * e[b], axis=1)
+    tpl_scores = np.sum(t[a] * t[b], axis=1)
+    return {
+        "impostor_pairs": int(len(a)),
+        "threshold_embedding": threshold_at_far(emb_scores, far),
+        "threshold_template": threshold_at_far(tpl_scores, far),
     }
 
 

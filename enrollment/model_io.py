@@ -97,5 +97,16 @@ def load_model(path: str | os.PathLike = DEFAULT_MODEL) -> tuple[Backbone, dict]
     return model, info
 
 
+def update_meta(path: str | os.PathLike, **values) -> dict:
+    """Add calibration figures (e.g. the FAR 1e-3 threshold) to a saved model's meta."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    meta = {**json.loads(blob["meta"]), **values}
+    blob["meta"] = json.dumps(meta)
+    tmp = Path(str(path) + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+    return meta
+
+
 def profile_for(info: dict) -> ProtectionProfile | None:
     return get_profile(info["profile"]) if info.get("profile") else None

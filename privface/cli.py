@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--plot", help="ROC (lfw) or DET (identify) curve PNG")
     p.add_argument("--no-flip", action="store_true", help="no flip test-time augmentation")
+    p.add_argument("--greyscale", action="store_true", help="models see greyscale faces")
+    p.add_argument("--write-threshold", action="store_true",
+                   help="store the FAR 1e-3 thresholds in the protected model's file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir")
     p.add_argument("--config")

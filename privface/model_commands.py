@@ -110,7 +110,9 @@ def cmd_eval(args) -> int:
     data = Path(args.data)
     pairs_txt = str(data / "lfw" / "pairs.txt")
     cache = ev.lfw_cache(data / "lfw", args.cache_dir or settings.cache_dir)
-    embedders = ev.variants(_models(args), cache, args.seed, flip=not args.no_flip)
+    embedders = ev.variants(
+        _models(args), cache, args.seed, flip=not args.no_flip, greyscale=args.greyscale
+    )
     results: dict[str, dict] = {}
     for name, embedder in tqdm(embedders.items(), desc=f"eval {args.protocol}", unit="variant"):
         if args.protocol == "lfw":
@@ -173,4 +175,23 @@ def cmd_eval(args) -> int:
     }
     if args.json:
         ev.write_json(args.json, out)
+    if args.write_threshold and args.protocol == "lfw":
+        from enrollment.model_io import update_meta
+
+        calib = ev.impostor_threshold(embedders["protected"], cache, pairs_txt, 1e-3)
+        update_meta(
+            _models(args)["protected"],
+            **{
+                "threshold_far_1e-3": calib["threshold_template"],
+                "threshold_far_1e-3_embedding": calib["threshold_embedding"],
+                "threshold_calibration": f"{calib['impostor_pairs']} random different-identity "
+                "pairs of LFW folds 6-10 images, random rank per image, flip TTA",
+                "lfw_accuracy": results["protected"]["accuracy"],
+            },
+        )
+        out["calibration"] = calib
+        if args.json:
+            ev.write_json(args.json, out)
+        print(f"model thresholds at FAR 1e-3: template {calib['threshold_template']:.4f}, "
+              f"embedding {calib['threshold_embedding']:.4f}")
     return 0
