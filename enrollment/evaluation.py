@@ -216,20 +216,19 @@ def lfw_cache(data_dir: str | os.PathLike, cache_dir: str | os.PathLike) -> Face
 
 
 def variants(
-    models: dict[str, str], cache: FaceCache, seed: int, flip: bool
+    models: dict[str, str], cache: FaceCache, seed: int, flip: bool, greyscale: bool = False
 ) -> dict[str, Embedder]:
-    """The embedders to compare, by JSON name."""
+    """The embedders to compare, by JSON name (the teacher always sees colour)."""
     out: dict[str, Embedder] = {}
+    kw = {"flip": flip, "greyscale": greyscale}
     if "protected" in models:
-        out["protected"] = model_embedder(models["protected"], cache, seed, flip=flip)
+        out["protected"] = model_embedder(models["protected"], cache, seed, **kw)
         for s in range(6):
-            out[f"subset_{s}"] = model_embedder(
-                models["protected"], cache, seed, subset=s, flip=flip
-            )
+            out[f"subset_{s}"] = model_embedder(models["protected"], cache, seed, subset=s, **kw)
     if "rgb" in models:
-        out["rgb"] = model_embedder(models["rgb"], cache, seed, flip=flip)
+        out["rgb"] = model_embedder(models["rgb"], cache, seed, **kw)
     if "vanilla" in models:
-        out["vanilla"] = model_embedder(models["vanilla"], cache, seed, flip=flip)
+        out["vanilla"] = model_embedder(models["vanilla"], cache, seed, **kw)
     out["teacher"] = teacher_embedder(cache)
     return out
 

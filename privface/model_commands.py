@@ -113,6 +113,9 @@ def cmd_eval(args) -> int:
     embedders = ev.variants(
         _models(args), cache, args.seed, flip=not args.no_flip, greyscale=args.greyscale
     )
+    if args.only:
+        wanted = set(args.only.split(","))
+        embedders = {k: v for k, v in embedders.items() if k in wanted}
     results: dict[str, dict] = {}
     for name, embedder in tqdm(embedders.items(), desc=f"eval {args.protocol}", unit="variant"):
         if args.protocol == "lfw":
