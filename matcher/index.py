@@ -10,8 +10,17 @@ counter) and keeps label -> sample id / subject / alive in numpy arrays, because
   be found and overwritten in place (``_scrub``) - erasure does not wait for a rebuild;
 * mapping a result row to a subject is one numpy gather.
 
+Index types (``factory.choose`` picks one by gallery size): exact ``IDMap2,Flat``; graph
+``IDMap2,HNSW32,Flat``; ``IVF..,Flat``; and compressed codes with exact re-scoring
+(``HNSW32,SQ8,RFlat``, ``IVF..,PQ..,RFlat``), where the gallery keeps the float32 templates
+by label beside FAISS and re-ranks a shortlist of ``rescore * k`` candidates with them. Every
+type keeps the same guarantees: a removed sample is never returned (the alive mask, plus an
+id filter inside CPU searches), its template is erased from the CPU copy at once (removed
+where FAISS can, overwritten with zeros where it cannot), and save / load / replay restore
+exactly the searched state. ``rebuild`` moves a gallery to another type as it grows.
+
 Searches run concurrently under a readers/writer lock; adds, removals and the swap at the end
-of ``compact`` take the writer side.
+of ``compact`` / ``rebuild`` take the writer side.
 """
 
 from __future__ import annotations
@@ -34,10 +43,21 @@ from .gpu import GPU_MAX_K, to_gpu, use_gpu
 
 SubjectKey = int | str
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META_FILE = "meta.npz"
 # How much faster k grows when a query did not find enough distinct subjects.
 GROWTH = 4
+_EF_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+_EXACT_CHUNK = 65_536
+
+
+def _probe_ladder(nlist: int) -> list[int]:
+    out, p = [], 1
+    while p < nlist:
+        out.append(p)
+        p *= 2
+    return [*out, nlist]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +112,24 @@ class GalleryIndex:
         expected_size: int = 0,
         force_cpu: bool = False,
         overfetch: int = 4,
-        ef_search: int = 64,
+        ef_search: int | None = None,
+        nprobe: int | None = None,
+        rescore: int | None = None,
     ) -> None:
-        if d < 1 or overfetch < 1 or ef_search < 1:
-            raise ValueError("d, overfetch and ef_search must be positive")
-        factory = factory or fx.choose_factory(expected_size, d)
-        self._setup(d, factory, fx.make_index(d, factory), force_cpu, overfetch, ef_search)
+        """``factory`` None: the type ``factory.choose`` picks for ``expected_size``.
+
+        ``ef_search`` (HNSW), ``nprobe`` (IVF) and ``rescore`` (``,RFlat`` types: shortlist
+        factor) default to the plan's values for that type.
+        """
+        if d < 1 or overfetch < 1:
+            raise ValueError("d and overfetch must be positive")
+        plan = fx.choose(expected_size, d, gpu=use_gpu(force_cpu)) if not factory else None
+        factory = factory or plan.factory
+        base, refine = fx.split_refine(factory)
+        cpu = fx.make_index(d, base)
+        ef, probe, factor = _defaults(cpu, refine, plan, ef_search, nprobe, rescore)
+        self._setup(d, factory, cpu, force_cpu, overfetch, ef, probe, factor)
+        self.planned = plan is not None
 
     def _setup(
         self,
@@ -107,23 +139,39 @@ class GalleryIndex:
         force_cpu: bool,
         overfetch: int,
         ef_search: int,
+        nprobe: int,
+        rescore: int,
     ) -> None:
+        refine = fx.split_refine(factory)[1]
+        if not refine and not fx.exact_codes(cpu):
+            raise ValueError(
+                f"factory {factory!r} stores lossy codes: add ',RFlat' so results are re-scored "
+                "and rebuilt from the exact templates"
+            )
+        if ef_search < 1 or nprobe < 1 or rescore < 1:
+            raise ValueError("ef_search, nprobe and rescore must be positive")
         self.d = int(d)
         self.factory = factory
         self.force_cpu = force_cpu
         self.overfetch = int(overfetch)
         self.ef_search = int(ef_search)
+        self.rescore = int(rescore)
         self.seq = -1  # last change sequence number included; -1 = none
+        self.planned = False  # type chosen by factory.choose (so ``outgrown`` applies)
         self._lock = RWLock()
         self._compact_lock = threading.Lock()
         self._save_lock = threading.Lock()
         self._cpu = cpu
+        self._base = fx.inner(cpu)  # the working index, downcast once (per-query cost)
+        _set_nprobe(cpu, nprobe)
         self._place()
         self._n_labels = 0
         self._sample = np.empty(0, np.int64)
         self._subject = np.empty(0, np.int64)
         self._alive = np.empty(0, bool)
         self._in_index = np.empty(0, bool)
+        # Exact templates by label, for ``,RFlat`` types (re-scoring, compaction, rebuild).
+        self._exact: np.ndarray | None = np.empty((0, self.d), np.float32) if refine else None
         self._label_of: dict[int, int] = {}
         self._keys: list[SubjectKey] = []
         self._code_of: dict[SubjectKey, int] = {}
@@ -134,6 +182,40 @@ class GalleryIndex:
         self._sel_parts: tuple = ()
         self._tombstones: dict[int, int] = {}
 
+    @property
+    def nprobe(self) -> int:
+        """IVF lists scanned per query (1 for other types); stored inside the FAISS index."""
+        ivf = faiss.try_extract_index_ivf(self._cpu)
+        return 1 if ivf is None else int(ivf.nprobe)
+
+    def set_search_params(
+        self, *, ef_search: int | None = None, nprobe: int | None = None, rescore: int | None = None
+    ) -> None:
+        """Change the speed/recall trade-off of a live index (no rebuild)."""
+        for v in (ef_search, nprobe, rescore):
+            if v is not None and v < 1:
+                raise ValueError("search parameters must be positive")
+        with self._lock.write():
+            if ef_search is not None:
+                self.ef_search = int(ef_search)
+            if rescore is not None:
+                self.rescore = int(rescore)
+            if nprobe is not None and nprobe != self.nprobe:
+                _set_nprobe(self._cpu, nprobe)
+                if self._gpu is not None:
+                    self._set_gpu_nprobe(self.nprobe)
+
+    def _set_gpu_nprobe(self, nprobe: int) -> None:
+        """The GPU clone took nprobe at copy time: set it there, else copy again."""
+        space = getattr(faiss, "GpuParameterSpace", None)
+        try:
+            space().set_index_parameter(self._gpu, "nprobe", nprobe)
+        except Exception:  # noqa: BLE001 - no GPU parameter space (or a stand-in index)
+            self._place()
+            # A fresh copy holds only what the CPU copy holds: removed IVF entries are gone.
+            n = self._n_labels
+            self._garbage = int((~self._alive[:n] & self._in_index[:n]).sum())
+
     # ------------------------------------------------------------------ placement
 
     def _place(self) -> None:
@@ -142,8 +224,8 @@ class GalleryIndex:
         self._gpu = None
         if self._cpu.is_trained and fx.gpu_capable(self._cpu) and use_gpu(self.force_cpu):
             self._gpu = to_gpu(self._cpu)
-        # On GPU nothing is removed in place: the mirror keeps label order for _scrub, and
-        # IndexFlat.remove_ids costs a copy of the whole table per call.
+        # On GPU nothing is removed from the searched copy: the flat mirror keeps label order
+        # for _scrub (IndexFlat.remove_ids costs a copy of the whole table per call anyway).
         self._physical = fx.can_remove(self._cpu) and self._gpu is None
 
     @property
@@ -154,6 +236,23 @@ class GalleryIndex:
     def removes_in_place(self) -> bool:
         """False for HNSW and GPU: removals are filtered until ``compact``."""
         return self._physical
+
+    @property
+    def outgrown(self) -> bool:
+        """True when ``factory.choose`` picks another type for the live size, even with 25%
+        slack either way (no flapping at a boundary): time to ``rebuild()`` (and
+        ``calibrate()``), in the background. Only for types chosen by the plan."""
+        if not self.planned:
+            return False
+        n, gpu = len(self), self.on_gpu or use_gpu(self.force_cpu)
+        return all(
+            fx.choose(int(m), self.d, gpu=gpu).factory != self.factory for m in (n / 1.25, n * 1.25)
+        )
+
+    def _searched_ntotal(self) -> int:
+        """Entries in the index a search goes to first (the GPU copy keeps removed ones)."""
+        n = self._cpu.ntotal
+        return n if self._gpu is None else max(n, self._gpu.ntotal)
 
     # ------------------------------------------------------------------ counts
 
@@ -175,7 +274,7 @@ class GalleryIndex:
     @property
     def garbage_fraction(self) -> float:
         """Callers ``compact()`` above a fraction of their choice (0.2 is a sane default)."""
-        return self._garbage / max(1, self._cpu.ntotal)
+        return self._garbage / max(1, self._searched_ntotal())
 
     def sample_ids(self) -> np.ndarray:
         """Live sample ids, sorted, e.g. to prove an erasure or diff against the database."""
@@ -185,7 +284,7 @@ class GalleryIndex:
     # ------------------------------------------------------------------ writes
 
     def train(self, x: ArrayLike) -> None:
-        """Only for types that learn from data (the IVF hook); a no-op for Flat and HNSW."""
+        """Only for types that learn from data (IVF, SQ, PQ); a no-op for Flat and HNSW."""
         xs = normalize(x, self.d)
         with self._lock.write():
             if not self._cpu.is_trained:
@@ -233,6 +332,8 @@ class GalleryIndex:
                 self._cpu.add_with_ids(xs, labels)
                 if self._gpu is not None:
                     self._gpu.add_with_ids(xs, labels)
+                if self._exact is not None:
+                    self._exact[labels] = xs
                 self._sample[labels] = ids
                 self._subject[labels] = codes
                 self._alive[labels] = True
@@ -299,41 +400,100 @@ class GalleryIndex:
 
         The rebuild runs outside the lock on a snapshot (searches and writes go on); only the
         catch-up with changes made meanwhile and the swap take the writer lock. Peak memory
-        is two copies of the index.
+        is two copies of the index. Trained types keep their quantizer (no retraining).
         """
         with self._compact_lock:
             with self._lock.read():
                 if self._garbage == 0:
                     return 0
-                n0 = self._n_labels
-                live = np.flatnonzero(self._alive[:n0])
-                xs = self._reconstruct(live)
                 fresh = self._fresh_index()
-                on_gpu = self._gpu is not None
-            if live.size:
-                fresh.add_with_ids(xs, live)
-            del xs
-            gpu = to_gpu(fresh) if on_gpu else None
-            with self._lock.write():
-                n1 = self._n_labels
-                new = n0 + np.flatnonzero(self._alive[n0:n1])
-                if new.size:
-                    xs = self._reconstruct(new)
-                    fresh.add_with_ids(xs, new)
-                    if gpu is not None:
-                        gpu.add_with_ids(xs, new)
-                gone = live[~self._alive[live]]
-                purged = self._garbage
-                self._cpu, self._gpu = fresh, gpu
-                self._physical = fx.can_remove(fresh) and gpu is None
-                self._in_index[:n1] = False
-                self._in_index[live] = True
-                self._in_index[new] = True
-                self._garbage = 0
-                if gone.size:
-                    self._purge(gone)
-                self._refresh_selector()
-                return purged - self._garbage
+            return self._rebuild_into(fresh, self.factory, self.ef_search, self.rescore)
+
+    def rebuild(
+        self,
+        factory: str | None = None,
+        *,
+        ef_search: int | None = None,
+        nprobe: int | None = None,
+        rescore: int | None = None,
+        max_train: int = 200_000,
+    ) -> str:
+        """Move the gallery into another index type, e.g. from Flat to HNSW as it grows.
+
+        ``factory`` None: what ``factory.choose`` picks for the live size. Trained types are
+        trained on (up to ``max_train`` of) the live templates. Like ``compact``, searches
+        and writes go on meanwhile, removed templates are purged, and labels, sample ids,
+        tombstones and ``seq`` carry over. Returns the new factory string.
+        """
+        with self._compact_lock:
+            with self._lock.read():
+                n_live = len(self._label_of)
+            plan = None
+            if not factory:
+                plan = fx.choose(n_live, self.d, gpu=use_gpu(self.force_cpu))
+            planned = plan is not None
+            factory = factory or plan.factory
+            base, refine = fx.split_refine(factory)
+            fresh = fx.make_index(self.d, base)
+            ef, probe, factor = _defaults(fresh, refine, plan, ef_search, nprobe, rescore)
+            if not refine and not fx.exact_codes(fresh):
+                raise ValueError(f"factory {factory!r} stores lossy codes: add ',RFlat'")
+            if not fresh.is_trained:
+                with self._lock.read():
+                    live = np.flatnonzero(self._alive[: self._n_labels])
+                    if live.size > max_train:
+                        rng = np.random.default_rng(0)
+                        live = np.sort(rng.choice(live, max_train, replace=False))
+                    sample = self._reconstruct(live)
+                _train(fresh, sample)
+                del sample
+            _set_nprobe(fresh, probe)
+            self._rebuild_into(fresh, factory, ef, factor)
+            self.planned = planned
+            return factory
+
+    def _rebuild_into(self, fresh: faiss.Index, factory: str, ef: int, rescore: int) -> int:
+        """Fill ``fresh`` (empty, trained) with the live templates, catch up, swap it in.
+
+        Caller holds ``_compact_lock``. Returns the number of removed templates purged.
+        """
+        with self._lock.read():
+            n0 = self._n_labels
+            live = np.flatnonzero(self._alive[:n0])
+            xs = self._reconstruct(live)
+        if live.size:
+            fresh.add_with_ids(xs, live)
+        gpu = None
+        if fx.gpu_capable(fresh) and use_gpu(self.force_cpu):
+            gpu = to_gpu(fresh)
+        refine = fx.split_refine(factory)[1]
+        with self._lock.write():
+            n1 = self._n_labels
+            new = n0 + np.flatnonzero(self._alive[n0:n1])
+            xs_new = self._reconstruct(new)
+            if new.size:
+                fresh.add_with_ids(xs_new, new)
+                if gpu is not None:
+                    gpu.add_with_ids(xs_new, new)
+            exact = None
+            if refine:
+                exact = np.zeros((len(self._sample), self.d), np.float32)
+                exact[live] = xs
+                exact[new] = xs_new
+            gone = live[~self._alive[live]]
+            purged = self._garbage
+            self.factory, self.ef_search, self.rescore = factory, int(ef), int(rescore)
+            self._cpu, self._gpu, self._exact = fresh, gpu, exact
+            self._base = fx.inner(fresh)
+            self._physical = fx.can_remove(fresh) and gpu is None
+            self._in_index[:n1] = False
+            self._in_index[live] = True
+            self._in_index[new] = True
+            self._garbage = 0
+            if gone.size:
+                self._purge(gone)
+            self._refresh_selector()
+            return purged - self._garbage
 
     # ------------------------------------------------------------------ search
 
@@ -359,7 +519,7 @@ class GalleryIndex:
         out: list[list[Hit]] = [[] for _ in range(len(q))]
         with self._lock.read():
             need = min(int(top_k), self._n_subjects)
-            ntotal = self._cpu.ntotal
+            ntotal = self._searched_ntotal()
             if need == 0 or ntotal == 0:
                 return out
             k = need * self.overfetch
@@ -383,12 +543,74 @@ class GalleryIndex:
                 k = min(ntotal, grown)
         return out
 
+    def search_samples(
+        self, queries: ArrayLike, k: int, *, min_score: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` best live samples per query (not grouped by subject): (sample ids,
+        scores), each (m, k), best first, padded with -1 / -inf. The index-level search the
+        benchmarks compare with other engines; also a duplicate check before enrolment."""
+        q = normalize(queries, self.d)
+        if k < 1:
+            raise ValueError("k must be >= 1")
+        m = len(q)
+        ids = np.full((m, k), -1, np.int64)
+        scores = np.full((m, k), -np.inf, np.float32)
+        with self._lock.read():
+            ntotal = self._searched_ntotal()
+            if ntotal == 0 or not self._label_of:
+                return ids, scores
+            kk = k + (self._garbage if self._gpu is not None else 0)
+            kk = min(kk, GPU_MAX_K) if self._gpu is not None and k <= GPU_MAX_K else kk
+            kk = min(max(kk, k), ntotal)
+            pending = np.arange(m)
+            while pending.size:
+                D, I = self._raw_search(q[pending], kk)
+                short = []
+                for row, qi in enumerate(pending.tolist()):
+                    found = I[row] >= 0
+                    lab, sc = I[row][found], D[row][found]
+                    keep = self._alive[lab]
+                    floor = False
+                    if min_score is not None:
+                        above = sc >= min_score
+                        floor = not above.all()  # sorted: all above the floor are here
+                        keep &= above
+                    lab, sc = lab[keep][:k], sc[keep][:k]
+                    exhausted = found.sum() < kk or kk >= ntotal
+                    if len(lab) < k and not (floor or exhausted):
+                        short.append(qi)
+                        continue
+                    ids[qi, : len(lab)] = self._sample[lab]
+                    scores[qi, : len(lab)] = sc
+                pending = np.asarray(short, np.int64)
+                kk = min(ntotal, kk * GROWTH)
+        return ids, scores
+
     def _raw_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k labels by the index; with ``,RFlat`` a ``rescore * k`` shortlist re-ranked
+        by exact inner products with the stored templates."""
+        if self._exact is None:
+            return self._index_search(q, k)
+        kk = k * self.rescore
+        if self._gpu is not None and k <= GPU_MAX_K:
+            kk = min(kk, GPU_MAX_K)  # one GPU page; the shortlist must not leave the GPU
+        kk = max(k, min(kk, self._searched_ntotal()))
+        _, I = self._index_search(q, kk)
+        valid = I >= 0
+        vecs = self._exact[np.where(valid, I, 0)]  # (m, kk, d)
+        S = np.einsum("mkd,md->mk", vecs, q)
+        S[~valid] = -np.inf
+        order = np.argsort(-S, axis=1, kind="stable")[:, :k]
+        D = np.take_along_axis(S, order, 1)
+        I = np.where(np.isfinite(D), np.take_along_axis(I, order, 1), -1)
+        return D.astype(np.float32), I
+
+    def _index_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """GPU while k fits its limit; deeper pages come from the CPU mirror, which can also
         filter removed labels inside FAISS (the GPU ignores id selectors)."""
         if self._gpu is not None and k <= GPU_MAX_K:
             return self._gpu.search(q, k)
-        params = fx.search_params(self._cpu, k, self.ef_search, self._sel)
+        params = fx.search_params(self._cpu, k, self.ef_search, self._sel, base=self._base)
         return self._cpu.search(q, k, params=params)
 
     def _collect(
@@ -412,6 +634,90 @@ class GalleryIndex:
         ]
         return hits, len(hits) >= need or floor or int(found.sum()) < k
 
+    # ------------------------------------------------------------------ tuning
+
+    def calibrate(
+        self,
+        target_recall: float = 0.995,
+        *,
+        k: int = 10,
+        probes: ArrayLike | None = None,
+        n_probes: int = 200,
+        safety: float = 2.0,
+        seed: int = 0,
+    ) -> dict:
+        """Set the smallest efSearch (HNSW) or nprobe (IVF) whose recall@k reaches a target.
+
+        Recall depends on how the gallery's templates are spread far more than on the index,
+        so it is measured on this gallery: ``probes`` (e.g. real probe templates) or, by
+        default, ``n_probes`` of its own templates, each excluding itself from both result
+        lists. That is optimistic (a stored template sits on a graph node, a probe does not):
+        on protected LFW templates, efSearch 48 gave recall 0.9955 on stored templates but
+        0.992 on real probes, so without ``probes`` the setting found is multiplied by
+        ``safety`` (2: 0.998 on real probes). Exact results come from a chunked brute-force
+        pass; searches and writes go on meanwhile. Returns the parameter, the value set, the
+        value that reached the target (``measured_at``), its recall and the curve. Exact
+        types return ``{"param": None, "recall": 1.0}``.
+        """
+        base = fx.inner(self._cpu)
+        if isinstance(base, faiss.IndexHNSW):
+            param, ladder = "ef_search", [e for e in _EF_LADDER if e >= k] or [k]
+        elif isinstance(base, faiss.IndexIVF):
+            param, ladder = "nprobe", _probe_ladder(base.nlist)
+        else:
+            return {"param": None, "recall": 1.0}
+        rng = np.random.default_rng(seed)
+        with self._lock.read():
+            live = np.flatnonzero(self._alive[: self._n_labels])
+            if live.size <= k:
+                return {"param": param, "value": getattr(self, param), "recall": None}
+            if probes is None:
+                qlab = np.sort(rng.choice(live, min(n_probes, live.size), replace=False))
+                Q = self._reconstruct(qlab)
+                own = self._sample[qlab]
+            else:
+                Q, own = normalize(probes, self.d), np.full(len(probes), -1, np.int64)
+        truth = self._exact_samples(Q, live, k + 1)
+        truth = [[s for s in row if s != o][:k] for row, o in zip(truth, own, strict=True)]
+        curve: dict[int, float] = {}
+        for value in ladder:
+            self.set_search_params(**{param: value})
+            got, _ = self.search_samples(Q, k + 1)
+            rec = [
+                len(set([s for s in row if s != o][:k]) & set(t)) / max(1, len(t))
+                for row, o, t in zip(got.tolist(), own, truth, strict=True)
+            ]
+            curve[value] = float(np.mean(rec))
+            if curve[value] >= target_recall:
+                break
+        found = value
+        if probes is None and safety > 1:
+            value = next((v for v in ladder if v >= found * safety), ladder[-1])
+            self.set_search_params(**{param: value})
+        return {
+            "param": param,
+            "value": value,
+            "measured_at": found,
+            "recall": curve[found],
+            "curve": curve,
+        }
+
+    def _exact_samples(self, Q: np.ndarray, live: np.ndarray, k: int) -> list[list[int]]:
+        """Exact top-k live sample ids per query, in chunks (a short read lock per chunk)."""
+        best_s = np.full((len(Q), 0), -np.inf, np.float32)
+        best_l = np.empty((len(Q), 0), np.int64)
+        for start in range(0, len(live), _EXACT_CHUNK):
+            labels = live[start : start + _EXACT_CHUNK]
+            with self._lock.read():
+                labels = labels[self._alive[labels]]
+                V = self._reconstruct(labels)
+            S = np.concatenate([best_s, Q @ V.T], 1)
+            L = np.concatenate([best_l, np.broadcast_to(labels, (len(Q), len(labels)))], 1)
+            top = np.argsort(-S, axis=1, kind="stable")[:, :k]
+            best_s, best_l = np.take_along_axis(S, top, 1), np.take_along_axis(L, top, 1)
+        with self._lock.read():
+            return self._sample[best_l].tolist()
+
     # ------------------------------------------------------------------ persistence
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -425,10 +731,18 @@ class GalleryIndex:
         root.mkdir(parents=True, exist_ok=True)
         with self._save_lock:
             with self._lock.read():
-                name = f"index-{uuid.uuid4().hex}.faiss"
+                stamp = uuid.uuid4().hex
+                name = f"index-{stamp}.faiss"
                 faiss.write_index(self._cpu, str(root / name))
                 _fsync(root / name)
                 n = self._n_labels
+                exact_name = None
+                if self._exact is not None:
+                    exact_name = f"exact-{stamp}.npy"
+                    with open(root / exact_name, "wb") as f:
+                        np.save(f, self._exact[:n])
+                        f.flush()
+                        os.fsync(f.fileno())
                 tomb = np.array(sorted(self._tombstones.items()), np.int64).reshape(-1, 2)
                 meta = {
                     "version": FORMAT_VERSION,
@@ -436,8 +750,12 @@ class GalleryIndex:
                     "factory": self.factory,
                     "overfetch": self.overfetch,
                     "ef_search": self.ef_search,
+                    "nprobe": self.nprobe,
+                    "rescore": self.rescore,
+                    "planned": self.planned,
                     "seq": self.seq,
                     "index_file": name,
+                    "exact_file": exact_name,
                     "keys": self._keys,
                 }
                 tmp = root / f".{META_FILE}.{uuid.uuid4().hex}.tmp"
@@ -455,8 +773,8 @@ class GalleryIndex:
                     os.fsync(f.fileno())
                 os.replace(tmp, root / META_FILE)
                 _fsync(root)
-            for old in root.glob("index-*.faiss"):
-                if old.name != name:
+            for old in [*root.glob("index-*.faiss"), *root.glob("exact-*.npy")]:
+                if old.name not in (name, exact_name):
                     old.unlink(missing_ok=True)
         return root
 
@@ -467,18 +785,35 @@ class GalleryIndex:
         with np.load(root / META_FILE, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             arrays = {k: z[k] for k in ("sample", "subject", "alive", "in_index", "tombstones")}
-        if meta["version"] != FORMAT_VERSION:
+        if meta["version"] not in READABLE_VERSIONS:
             raise ValueError(f"unsupported snapshot version {meta['version']}")
         cpu = faiss.read_index(str(root / meta["index_file"]))
-        if cpu.d != meta["d"] or cpu.ntotal != int(arrays["in_index"].sum()):
+        n = len(arrays["sample"])
+        exact = None
+        if meta.get("exact_file"):
+            exact = np.load(root / meta["exact_file"], allow_pickle=False)
+        if (
+            cpu.d != meta["d"]
+            or cpu.ntotal != int(arrays["in_index"].sum())
+            or (exact is not None and exact.shape != (n, meta["d"]))
+        ):
             raise ValueError(f"index file in {root} does not match its metadata")
         self = cls.__new__(cls)
         self._setup(
-            meta["d"], meta["factory"], cpu, force_cpu, meta["overfetch"], meta["ef_search"]
+            meta["d"],
+            meta["factory"],
+            cpu,
+            force_cpu,
+            meta["overfetch"],
+            meta["ef_search"],
+            int(meta.get("nprobe", _nprobe_of(cpu))),
+            int(meta.get("rescore", 1)),
         )
         self.seq = int(meta["seq"])
-        n = len(arrays["sample"])
+        self.planned = bool(meta.get("planned", False))
         self._grow(n)
+        if self._exact is not None and exact is not None:
+            self._exact[:n] = exact
         self._n_labels = n
         self._sample[:n] = arrays["sample"]
         self._subject[:n] = arrays["subject"]
@@ -534,6 +869,10 @@ class GalleryIndex:
         in_index = np.zeros(cap, bool)
         in_index[: len(self._in_index)] = self._in_index
         self._in_index = in_index
+        if self._exact is not None:
+            exact = np.zeros((cap, self.d), np.float32)
+            exact[: len(self._exact)] = self._exact
+            self._exact = exact
 
     def _drop(self, labels: np.ndarray) -> None:
         """Writer lock held. After this the alive mask hides the labels from every search."""
@@ -546,21 +885,26 @@ class GalleryIndex:
         self._refresh_selector()
 
     def _purge(self, labels: np.ndarray) -> None:
-        """Take dead labels out of FAISS where the type allows, else zero them and count them."""
-        if self._physical:
+        """Erase dead labels from the CPU copy now: removed where the type allows, else their
+        codes overwritten with zeros. What the searched index still holds is garbage."""
+        if self._exact is not None:
+            self._exact[labels] = 0.0
+        if fx.can_remove(self._cpu) and (self._gpu is None or fx.code_storage(self._cpu) is None):
+            # Physical removal; on GPU only for IVF, whose CPU lists need no label order.
             self._cpu.remove_ids(labels)
             self._in_index[labels] = False
         else:
             self._scrub(labels)
+        if not self._physical:
             self._garbage += len(labels)
 
     def _scrub(self, labels: np.ndarray) -> None:
-        """Overwrite removed templates with zeros in the CPU copy so erasure is immediate.
+        """Overwrite removed templates' codes with zeros in the CPU copy: erasure is immediate.
 
-        An HNSW node must stay as a waypoint of the graph; with a zero vector it still routes
-        searches but scores 0 against everything (and the alive mask hides it anyway).
+        An HNSW node must stay as a waypoint of the graph; with zeroed codes it still routes
+        searches (a zero float vector scores 0 against everything) and the alive mask hides it.
         """
-        store = fx.flat_storage(self._cpu)
+        store = fx.code_storage(self._cpu)
         if store is None or not isinstance(self._cpu, faiss.IndexIDMap):
             return
         id_map = faiss.vector_to_array(self._cpu.id_map)
@@ -572,8 +916,9 @@ class GalleryIndex:
         pos = np.minimum(pos, len(id_map) - 1)
         if not (id_map[pos] == labels).all():
             raise RuntimeError("label not found in index while scrubbing")
-        xb = faiss.rev_swig_ptr(store.get_xb(), store.ntotal * store.d)
-        xb.reshape(store.ntotal, store.d)[pos] = 0.0
+        size = store.code_size
+        codes = faiss.rev_swig_ptr(store.codes.data(), store.ntotal * size)
+        codes.reshape(store.ntotal, size)[pos] = 0
 
     def _refresh_selector(self) -> None:
         """Exclude dead labels inside the CPU search, so HNSW spends no result slots on them."""
@@ -587,16 +932,62 @@ class GalleryIndex:
         self._sel_parts = (batch, dead)  # the C++ selectors hold raw pointers
 
     def _reconstruct(self, labels: np.ndarray) -> np.ndarray:
+        """Exact templates of live labels (the stored copy for ``,RFlat`` types)."""
         if labels.size == 0:
             return np.empty((0, self.d), np.float32)
+        if self._exact is not None:
+            return self._exact[labels]
         return self._cpu.reconstruct_batch(labels.astype(np.int64))
 
     def _fresh_index(self) -> faiss.Index:
-        fresh = fx.make_index(self.d, self.factory)
+        fresh = fx.make_index(self.d, fx.split_refine(self.factory)[0])
         if not fresh.is_trained:  # keep the learned quantizer of a trained type
             fresh = faiss.clone_index(self._cpu)
             fresh.reset()
+        _set_nprobe(fresh, self.nprobe)
         return fresh
+
+
+def _nprobe_of(index: faiss.Index) -> int:
+    ivf = faiss.try_extract_index_ivf(index)
+    return 1 if ivf is None else int(ivf.nprobe)
+
+
+def _set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = int(min(nprobe, ivf.nlist))
+
+
+def _defaults(
+    index: faiss.Index,
+    refine: bool,
+    plan: fx.IndexPlan | None,
+    ef_search: int | None,
+    nprobe: int | None,
+    rescore: int | None,
+) -> tuple[int, int, int]:
+    """(ef_search, nprobe, rescore): explicit values, else the plan's, else per-type ones."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ef_search is None:
+        ef_search = plan.ef_search if plan else fx.IndexPlan("").ef_search
+    if nprobe is None:
+        if plan is not None and ivf is not None:
+            nprobe = plan.nprobe
+        else:
+            nprobe = 1 if ivf is None else fx.ivf_nprobe(ivf.nlist)
+    if rescore is None:
+        rescore = fx.DEFAULT_RESCORE if refine else 1
+    return int(ef_search), int(nprobe), int(rescore)
+
+
+def _train(index: faiss.Index, x: np.ndarray) -> None:
+    """Train a fresh index; FAISS wants ~40 points per centroid but copes with fewer."""
+    ivf = faiss.try_extract_index_ivf(index)
+    need = ivf.nlist if ivf is not None else 1
+    if len(x) < need:
+        raise ValueError(f"{len(x)} templates cannot train {need} IVF lists")
+    index.train(x)
 
 
 def _fsync(path: Path) -> None:

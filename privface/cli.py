@@ -90,13 +90,111 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="ROC (lfw) or DET (identify) curve PNG")
     p.add_argument("--no-flip", action="store_true", help="no flip test-time augmentation")
     p.add_argument("--greyscale", action="store_true", help="models see greyscale faces")
+    p.add_argument("--only", help="comma-separated variants to run (e.g. protected,teacher)")
     p.add_argument("--write-threshold", action="store_true",
                    help="store the FAR 1e-3 thresholds in the protected model's file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir")
     p.add_argument("--config")
     p.set_defaults(func="privface.model_commands:cmd_eval")
+
+    # -- the service ----------------------------------------------------------------------
+    p = sub.add_parser("serve", help="run the gRPC service (embedded PostgreSQL by default)")
+    p.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:50051)")
+    p.add_argument("--data-dir", help="embedded PostgreSQL, quick-start key file")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--config")
+    p.set_defaults(func="privface.service_commands:cmd_serve")
+
+    p = sub.add_parser("gallery", help="create, delete, list galleries or show statistics")
+    p.add_argument("action", choices=["create", "delete", "list", "stats"])
+    p.add_argument("name", nargs="?", help="gallery name (default: --gallery)")
+    p.add_argument("--description")
+    _client_options(p)
+    p.set_defaults(func="privface.service_commands:cmd_gallery")
+
+    p = sub.add_parser("enroll", help="enrol a subject from face images (one sample each)")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--subject", required=True, help="subject id, unique in the gallery")
+    p.add_argument("--name", help="display name (stored encrypted)")
+    p.add_argument("--meta", action="append", help="KEY=VALUE metadata (repeatable)")
+    p.add_argument("--idempotency-key", help="retry-safe key (same key + same images = no-op)")
+    _client_options(p, faces=True)
+    p.set_defaults(func="privface.service_commands:cmd_enroll")
+
+    p = sub.add_parser("enroll-batch", help="enrol a folder of subject folders (resumable)")
+    p.add_argument("dir", help="one sub-folder per subject (its name is the subject id; "
+                   "optional subject.json with display_name and metadata)")
+    p.add_argument("--state", help="resume file (default: one per folder and gallery in "
+                   "the cache dir)")
+    p.add_argument("--report", help="write the report (failures with reasons) as JSON")
+    p.add_argument("-q", "--quiet", action="store_true")
+    _client_options(p, faces=True)
+    p.set_defaults(func="privface.service_commands:cmd_enroll_batch")
+
+    p = sub.add_parser("identify", help="1:N search of a face in a gallery")
+    p.add_argument("image")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--threshold", type=float, help="decision threshold (default: server's)")
+    _client_options(p, faces=True)
+    p.set_defaults(func="privface.service_commands:cmd_identify")
+
+    p = sub.add_parser("verify", help="1:1 comparison of a face with an enrolled subject")
+    p.add_argument("image")
+    p.add_argument("--subject", required=True)
+    p.add_argument("--threshold", type=float, help="decision threshold (default: server's)")
+    _client_options(p, faces=True)
+    p.set_defaults(func="privface.service_commands:cmd_verify")
+
+    p = sub.add_parser("delete", help="delete a subject with all its samples")
+    p.add_argument("subject")
+    _client_options(p)
+    p.set_defaults(func="privface.service_commands:cmd_delete")
+
+    p = sub.add_parser("subjects", help="list a gallery's subjects, or show one")
+    p.add_argument("--subject", help="show this subject with its samples")
+    _client_options(p)
+    p.set_defaults(func="privface.service_commands:cmd_subjects")
+
+    p = sub.add_parser("keys", help="key ring: init, status, rotate, new-template-key")
+    p.add_argument("action", choices=["init", "status", "rotate", "new-template-key"])
+    p.add_argument("--key-file", help="default: key_file, PRIVFACE_KEYRING_FILE or "
+                   "DATA_DIR/keyring.json")
+    p.add_argument("--wait", type=float, default=3.0,
+                   help="rotate: seconds for running servers to reload the key file")
+    p.add_argument("--remove-old", action="store_true",
+                   help="rotate: drop encryption keys no value uses any more")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--config")
+    p.set_defaults(func="privface.service_commands:cmd_keys")
+
+    p = sub.add_parser("tokens", help="add a client token (printed once, stored hashed)")
+    p.add_argument("action", choices=["add"])
+    p.add_argument("--file", help="tokens file (default: tokens_file)")
+    p.add_argument("--name", required=True, help="who holds it (shown in the audit trail)")
+    p.add_argument("--roles", required=True, help="comma-separated: identify, enroll, admin")
+    p.add_argument("--galleries", required=True, help="comma-separated names/patterns, * = all")
+    p.add_argument("--config")
+    p.set_defaults(func="privface.service_commands:cmd_tokens")
     return parser
+
+
+def _client_options(p: argparse.ArgumentParser, faces: bool = False) -> None:
+    """Options every client command shares (defaults from the config file/environment)."""
+    p.add_argument("--server", help="HOST:PORT (PRIVFACE_SERVER)")
+    p.add_argument("--gallery", help="gallery name (PRIVFACE_GALLERY)")
+    p.add_argument("--token", help="bearer token (PRIVFACE_TOKEN)")
+    p.add_argument("--server-ca", help="CA certificate of the server: turns TLS on")
+    p.add_argument("--client-cert", help="client certificate for mutual TLS")
+    p.add_argument("--client-key", help="client key for mutual TLS")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--config")
+    if faces:
+        p.add_argument("--aligned", action="store_true", help="images are aligned 112x112 crops")
+        p.add_argument("--cnn-fallback", action="store_true",
+                       help="retry face detection with dlib's CNN detector")
+        p.add_argument("--no-flip", action="store_true",
+                       help="send only the face, not also its mirror image")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,169 @@
+"""Server side of a protected input: validate it, embed it with the shipped model.
+
+Validation comes first and is complete (wire format, profile name, version and digest, the
+profile this model accepts, dtype, shape, finite values, number of views) so that nothing
+malformed reaches the model, and each refusal names the sample and the reason.
+
+Model calls are serialised by a lock and batched: one request's views run as one batch (in
+chunks), under ``torch.no_grad``, with a bounded number of torch threads — concurrent gRPC
+threads would otherwise each spawn a full thread pool and oversubscribe the CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from enrollment import wire
+from enrollment.model_io import DEFAULT_MODEL, embed, load_model
+from enrollment.profiles import ProtectionProfile, get_profile
+from privface.errors import ServiceError
+
+log = logging.getLogger("privface.embedding")
+
+#: Most views (e.g. a face and its mirror) one ProtectedInput may hold.
+MAX_VIEWS = 8
+#: Views per model call.
+BATCH = 32
+#: Meta key of the model card's threshold at FAR = 1e-3, on the protected-template scale.
+THRESHOLD_META_KEY = "threshold_far_1e-3"
+
+
+def model_version_of(path: str | os.PathLike[str]) -> str:
+    """``<file stem>@<first 12 hex of the file's SHA-256>``: recorded with every template,
+    so templates of a retrained model are never compared with those of another."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return f"{Path(path).stem}@{h.hexdigest()[:12]}"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the service needs to know about its model."""
+
+    path: str
+    model_version: str
+    kind: str
+    profile: ProtectionProfile
+    embedding_dim: int
+    threshold: float
+    threshold_source: str
+    mapping: dict = field(default_factory=dict)  # identity-mapping m, c_max, overlap
+
+
+def resolve_threshold(meta: dict, override: float) -> tuple[float, str]:
+    """The decision threshold: ``Settings.threshold`` if set, else the model card's."""
+    if override:
+        return float(override), "settings"
+    value = meta.get(THRESHOLD_META_KEY)
+    if value is None:
+        raise ValueError(
+            f"the model carries no calibrated threshold (meta[{THRESHOLD_META_KEY!r}]); set "
+            "threshold in the configuration (PRIVFACE_THRESHOLD) to the protected-template "
+            "score at the false-match rate you accept"
+        )
+    return float(value), "model"
+
+
+class Embedder:
+    """The shipped model behind a lock, with input validation."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        threads: int = 0,
+        threshold: float = 0.0,
+    ) -> None:
+        model_path = Path(path or DEFAULT_MODEL)
+        if not model_path.exists():
+            raise FileNotFoundError(
+                f"model file {model_path} not found: train and ship one (privface train ... "
+                "--ship) or set model_path (PRIVFACE_MODEL_PATH)"
+            )
+        model, info = load_model(model_path)
+        if info["kind"] == "rgb" or not info.get("profile"):
+            raise ValueError(
+                f"{model_path} is an RGB model; the service only embeds protected inputs"
+            )
+        meta = info.get("meta") or {}
+        value, source = resolve_threshold(meta, threshold)
+        self.card = ModelCard(
+            path=str(model_path),
+            model_version=model_version_of(model_path),
+            kind=info["kind"],
+            profile=get_profile(info["profile"]),
+            embedding_dim=int(model.config.embedding_size),
+            threshold=value,
+            threshold_source=source,
+            mapping=dict(meta.get("identity_mapping") or {}),
+        )
+        self._model = model
+        self._lock = threading.Lock()
+        torch.set_num_threads(threads or max(1, min(4, os.cpu_count() or 1)))
+        log.info(
+            "model %s (%s, profile %s, %d-d embeddings); threshold %.4f from the %s",
+            self.card.model_version, self.card.kind, self.card.profile.name,
+            self.card.embedding_dim, value, source,
+        )
+
+    def decode(self, blob: bytes, what: str) -> np.ndarray:
+        """Fully validated views of one protected input, float32 (views, C, H, W)."""
+        profile = self.card.profile
+        if not blob:
+            raise ServiceError("INVALID_ARGUMENT", f"{what}: the protected input is empty",
+                               "empty")
+        try:
+            header, array = wire.decode(bytes(blob))
+            sent = wire.profile_of(header)
+        except wire.ProtectedInputError as exc:
+            raise ServiceError("INVALID_ARGUMENT", f"{what}: {exc}", exc.reason) from None
+        if sent.name != profile.name:
+            raise ServiceError(
+                "INVALID_ARGUMENT",
+                f"{what}: protected with profile {sent.name!r}; this server's model accepts "
+                f"only {profile.name!r} (see GetServerInfo)",
+                "profile",
+            )
+        if header.get("profile_digest") != profile.digest():
+            raise ServiceError(
+                "INVALID_ARGUMENT",
+                f"{what}: profile {profile.name!r} parameters differ from the server's (digest "
+                f"{header.get('profile_digest')!r}, expected {profile.digest()!r}); update the "
+                "client",
+                "profile_digest",
+            )
+        try:
+            wire.check(array, profile)
+        except wire.ProtectedInputError as exc:
+            raise ServiceError("INVALID_ARGUMENT", f"{what}: {exc}", exc.reason) from None
+        if array.shape[0] > MAX_VIEWS:
+            raise ServiceError(
+                "INVALID_ARGUMENT",
+                f"{what}: {array.shape[0]} views in one protected input; the limit is "
+                f"{MAX_VIEWS} (send several samples instead)",
+                "views",
+            )
+        return array.astype(np.float32)
+
+    def embed(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
+        """One unit embedding per input: the views' embeddings averaged, renormalised."""
+        if not inputs:
+            return np.empty((0, self.card.embedding_dim), np.float32)
+        counts = [len(a) for a in inputs]
+        x = torch.from_numpy(np.ascontiguousarray(np.concatenate(inputs)))
+        with self._lock:
+            views = embed(self._model, x, batch_size=BATCH)
+        out = np.add.reduceat(views.astype(np.float64), np.cumsum([0, *counts[:-1]]), axis=0)
+        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out.astype(np.float32)

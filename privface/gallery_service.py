@@ -1,0 +1,833 @@
+"""The gallery engine: everything the gRPC service does, as plain calls testable without a
+server.
+
+Pipeline of a sample (enrolment) or a probe (search)::
+
+    protected input (wire bytes) --validate--> views (N, C, H, W)
+        --model--> unit embedding (views averaged)
+        --identity mapping (gallery key, method.md §5)--> protected template (unit vector)
+
+**Source of truth.** PostgreSQL holds subjects, samples and the protected templates
+(encrypted by :mod:`storage`); the FAISS indexes are a cache built from it. Writes commit to
+PostgreSQL first, then the gallery's indexes catch up through the storage change feed
+(:func:`storage.repository.templates_changed_since`) — the same code path as the start-up
+load and the periodic catch-up with other writers, so the index cannot drift from the
+database whatever the interleaving of concurrent writes.
+
+**Erasure.** A deletion registers the removed sample ids in the gallery's in-memory
+tombstone set right after its commit and before the call returns; every search filters
+its hits through that set. So a deleted subject is never returned again, even while the
+index removal is still pending behind another write. Tombstones are pruned once the
+removal is applied and no search that started before it can still be running.
+
+**Template spaces.** Only templates of the current model are searchable. Within a gallery
+they are grouped by template key version (``template_key_id``): one index per version, the
+probe mapped with each version's key, results merged per subject. That is what makes the
+identity mapping renewable online; normally a gallery has exactly one version.
+
+**Threads.** Searches run in parallel (each index has a readers/writer lock); catching up a
+gallery is serialised per gallery; model calls are serialised by the embedder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from enrollment.identity_mapping import protect, protected_dim
+from matcher import GalleryIndex
+from privface.auth import AuthError, Principal
+from privface.embedding import MAX_VIEWS, Embedder
+from privface.errors import ServiceError
+from privface.keys import KeyRingSource, mapping_key, template_key_ids
+from storage import repository as repo
+from storage.errors import GalleryNotFound, StaleCursor, StorageError
+from storage.records import (
+    EnrollResult,
+    GalleryInfo,
+    SampleInput,
+    SubjectPage,
+    SubjectRecord,
+    TemplateRecord,
+)
+
+log = logging.getLogger("privface.gallery")
+
+T = TypeVar("T")
+
+DEFAULT_TOP_K = 5
+MAX_TOP_K = 100
+DEFAULT_PAGE_SIZE = 100
+#: Seconds a tombstone outlives the catch-up that applied its removal: longer than any
+#: search that could have read the index before the removal.
+TOMBSTONE_GRACE = 60.0
+#: Compact an index (HNSW/GPU keep removed vectors) above this fraction of garbage.
+COMPACT_AT = 0.2
+
+
+@dataclass(frozen=True)
+class Candidate:
+    subject_id: str
+    score: float
+    sample_id: int
+    match: bool
+
+
+@dataclass(frozen=True)
+class IdentifyResult:
+    match: bool
+    subject_id: str
+    score: float
+    threshold: float
+    candidates: list[Candidate]
+    model_version: str
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    match: bool
+    score: float
+    threshold: float
+    sample_id: int
+    model_version: str
+
+
+@dataclass(frozen=True)
+class GalleryStats:
+    gallery: GalleryInfo
+    template_versions: list[dict[str, Any]]
+    indexed_samples: int
+    index_type: str
+    on_gpu: bool
+    default_threshold: float
+
+
+@dataclass
+class _GalleryState:
+    """The in-memory side of one gallery: its indexes, change-feed cursor, tombstones."""
+
+    name: str
+    gallery_id: int = 0
+    cursor: int = 0
+    built: bool = False
+    indexes: dict[str, GalleryIndex] = field(default_factory=dict)
+    # sample id -> monotonic time of the deletion's commit (see module docstring)
+    deleted: dict[int, float] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def mark_deleted(self, sample_ids: Iterable[int]) -> None:
+        now = time.monotonic()
+        for sid in sample_ids:
+            self.deleted[int(sid)] = now
+
+    def prune(self, before: float) -> None:
+        for sid in [s for s, t in list(self.deleted.items()) if t < before]:
+            self.deleted.pop(sid, None)
+
+
+def request_digest(
+    operation: str,
+    subject_id: str,
+    samples: Sequence[bytes],
+    display_name: str = "",
+    metadata: Mapping[str, str] | None = None,
+) -> str:
+    """SHA-256 of the request as sent (protected-input bytes, not templates).
+
+    Templates of the same input can differ in the last bits between runs (batch
+    composition, hardware), so idempotency compares what the client sent.
+    """
+    h = hashlib.sha256()
+
+    def part(data: bytes) -> None:
+        h.update(len(data).to_bytes(8, "big"))
+        h.update(data)
+
+    header = {
+        "op": operation,
+        "subject_id": subject_id,
+        "display_name": display_name,
+        "metadata": dict(sorted((metadata or {}).items())),
+        "n": len(samples),
+    }
+    part(json.dumps(header, sort_keys=True, ensure_ascii=False).encode())
+    for blob in samples:
+        part(bytes(blob))
+    return h.hexdigest()
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+class GalleryEngine:
+    """Galleries, subjects, identify and verify over PostgreSQL + FAISS (module docstring)."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        keys: KeyRingSource,
+        embedder: Embedder,
+        *,
+        force_cpu_index: bool = False,
+        max_message_bytes: int = 0,
+    ) -> None:
+        self._sessions = sessions
+        self.keys = keys
+        self.embedder = embedder
+        self.card = embedder.card
+        self._force_cpu = force_cpu_index
+        self.max_message_bytes = max_message_bytes
+        self._states: dict[str, _GalleryState] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._syncer: threading.Thread | None = None
+        self._maintaining: set[int] = set()
+        self.template_dim = protected_dim(self.card.embedding_dim, self._any_key())
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _any_key(self):
+        ring = self.keys.get()
+        ids = template_key_ids(ring)
+        if not ids:
+            raise ServiceError(
+                "FAILED_PRECONDITION",
+                f"the key ring ({self.keys.origin}) holds no template-mapping secret (tmap-N): "
+                "add one to a key file with `privface keys new-template-key`, or make a "
+                "complete key file with `privface keys init FILE`",
+            )
+        return mapping_key(ring, "-", ids[-1], **self.card.mapping)
+
+    def _key(self, gallery: str, key_id: str):
+        return mapping_key(self.keys.get(), gallery, key_id, **self.card.mapping)
+
+    def current_template_key_id(self) -> str:
+        ids = template_key_ids(self.keys.get())
+        if not ids:
+            self._any_key()  # raises the actionable error
+        return ids[-1]
+
+    def _audit(
+        self,
+        principal: Principal,
+        operation: str,
+        gallery: str | None,
+        subject_ids: Sequence[str] = (),
+        status: str = "OK",
+        session: Session | None = None,
+    ) -> None:
+        """Append an audit row; in ``session`` (same transaction as the work) or on its own.
+
+        A failing audit of a *failed* request is logged, never raised over the real error.
+        """
+        args = dict(principal=principal.name, operation=operation, gallery=gallery,
+                    subject_ids=[s for s in subject_ids if s][:100], status=status)
+        if session is not None:
+            repo.append_audit(session, **args)
+            return
+        try:
+            with self._sessions.begin() as s:
+                repo.append_audit(s, **args)
+        except Exception as exc:  # noqa: BLE001 - the audit must not mask the request's error
+            log.warning("could not write audit row for %s (%s): %s", operation, status, exc)
+
+    def _guard(
+        self,
+        principal: Principal,
+        operation: str,
+        gallery: str | None,
+        subject_ids: Sequence[str],
+        work: Callable[[], T],
+    ) -> T:
+        """Run ``work``; audit a refusal with its status code and translate DB outages."""
+        try:
+            return work()
+        except (ServiceError, StorageError, AuthError) as exc:
+            code = getattr(exc, "code", None) or getattr(exc, "grpc_code", "INTERNAL")
+            self._audit(principal, operation, gallery, subject_ids, code)
+            raise
+        except OperationalError as exc:
+            log.error("database unavailable during %s: %s", operation, exc)
+            raise ServiceError(
+                "UNAVAILABLE", "the database is unavailable; retry later", "database"
+            ) from None
+
+    def _require(self, principal: Principal, role: str | frozenset[str], gallery: str) -> None:
+        principal.require(role, gallery)
+
+    # ------------------------------------------------------------------ gallery states
+
+    def _state(self, gallery: str) -> _GalleryState:
+        """The loaded state of a gallery (built from PostgreSQL on first use)."""
+        with self._lock:
+            state = self._states.get(gallery)
+            if state is None:
+                state = self._states[gallery] = _GalleryState(gallery)
+        if not state.built:
+            with state.lock:
+                if not state.built:
+                    try:
+                        self._build(state)
+                    except GalleryNotFound:
+                        with self._lock:
+                            if self._states.get(gallery) is state:
+                                del self._states[gallery]
+                        raise
+        return state
+
+    def _new_index(self, expected: int) -> GalleryIndex:
+        return GalleryIndex(
+            self.template_dim, expected_size=expected, force_cpu=self._force_cpu
+        )
+
+    def _build(self, state: _GalleryState) -> None:
+        """Load a gallery's searchable templates from PostgreSQL (lock held)."""
+        t0 = time.monotonic()
+        mv = self.card.model_version
+        indexes: dict[str, GalleryIndex] = {}
+        with self._sessions() as s:
+            info = repo.get_gallery(s, state.name)
+            cursor = repo.change_watermark(s, state.name)  # read before the scan (storage)
+            for chunk in repo.iter_gallery_templates(
+                s, self.keys.get(), state.name, model_version=mv
+            ):
+                groups: dict[str, list[TemplateRecord]] = {}
+                for r in chunk:
+                    groups.setdefault(r.template_key_id, []).append(r)
+                for key_id, records in groups.items():
+                    if self._key(state.name, key_id) is None:
+                        continue
+                    if key_id not in indexes:
+                        indexes[key_id] = self._new_index(info.sample_count)
+                    self._add(indexes[key_id], records, cursor)
+            versions = repo.template_versions(s, state.name)
+        state.indexes = indexes
+        state.gallery_id = info.id
+        state.cursor = cursor
+        state.built = True
+        self._catch_up(state)
+        unsearchable = sum(
+            n for (m, _, _, k), n in versions.items()
+            if m != mv or self._key(state.name, k) is None
+        )
+        if unsearchable:
+            log.warning(
+                "gallery %s: %d samples were made by another model or with a template key no "
+                "longer in the key ring; they are not searched (see GalleryStats)",
+                state.name, unsearchable,
+            )
+        log.info("gallery %s: %d templates indexed in %.2f s", state.name,
+                 sum(len(i) for i in indexes.values()), time.monotonic() - t0)
+
+    @staticmethod
+    def _add(index: GalleryIndex, records: Sequence[TemplateRecord], seq: int) -> None:
+        if not records:
+            return
+        x = np.stack([r.template for r in records])
+        index.add(x, [r.sample_id for r in records], [r.subject_id for r in records], seq=seq)
+
+    def _catch_up(self, state: _GalleryState) -> None:
+        """Apply every change committed since ``state.cursor`` (lock held)."""
+        started = time.monotonic()
+        mv = self.card.model_version
+        while True:
+            try:
+                with self._sessions() as s:
+                    cs = repo.templates_changed_since(s, self.keys.get(), state.name,
+                                                      state.cursor)
+            except StaleCursor as exc:
+                log.warning("gallery %s: %s; rebuilding its index", state.name, exc)
+                state.built = False
+                self._build(state)
+                return
+            if cs.gallery_id != state.gallery_id:
+                log.warning("gallery %s was deleted and re-created; rebuilding", state.name)
+                self._build(state)
+                return
+            if cs.deleted_sample_ids:
+                for index in state.indexes.values():
+                    index.remove(cs.deleted_sample_ids, seq=cs.cursor)
+            groups: dict[str, list[TemplateRecord]] = {}
+            for r in cs.upserts:
+                if r.model_version == mv:
+                    groups.setdefault(r.template_key_id, []).append(r)
+            for key_id, records in groups.items():
+                if self._key(state.name, key_id) is None:
+                    continue
+                index = state.indexes.get(key_id)
+                if index is None:
+                    index = state.indexes[key_id] = self._new_index(len(records))
+                self._add(index, records, cs.cursor)
+            state.cursor = cs.cursor
+            if not cs.has_more:
+                break
+        for index in state.indexes.values():
+            self._maintain(state.name, index)
+        state.prune(started - TOMBSTONE_GRACE)
+
+    def _maintain(self, gallery: str, index: GalleryIndex) -> None:
+        """Compact an index full of removed templates, or move it to the index type its size
+        now calls for (``outgrown``, e.g. Flat -> HNSW), in the background: both keep
+        searches and writes going, so neither may run under the gallery's lock."""
+        grow = bool(getattr(index, "outgrown", False))  # matcher: type fits the size no more
+        if not grow and index.garbage_fraction <= COMPACT_AT:
+            return
+        with self._lock:
+            if id(index) in self._maintaining:
+                return
+            self._maintaining.add(id(index))
+
+        def run() -> None:
+            t0 = time.monotonic()
+            try:
+                if grow:
+                    was = index.factory
+                    index.rebuild()
+                    log.info("gallery %s: index %s -> %s for %d templates in %.1f s", gallery,
+                             was, index.factory, len(index), time.monotonic() - t0)
+                else:
+                    purged = index.compact()
+                    log.info("gallery %s: compacted, %d removed templates purged", gallery,
+                             purged)
+            except Exception:  # noqa: BLE001 - the index keeps serving as it is
+                log.exception("gallery %s: index maintenance failed", gallery)
+            finally:
+                with self._lock:
+                    self._maintaining.discard(id(index))
+
+        threading.Thread(target=run, name=f"privface-index-{gallery}", daemon=True).start()
+
+    def sync(self, gallery: str) -> None:
+        """Bring a loaded gallery's indexes up to date with PostgreSQL."""
+        with self._lock:
+            state = self._states.get(gallery)
+        if state is None or not state.built:
+            return  # loads everything on first use
+        with state.lock:
+            try:
+                self._catch_up(state)
+            except GalleryNotFound:
+                self._forget(gallery, state)
+
+    def _forget(self, gallery: str, state: _GalleryState | None = None) -> None:
+        with self._lock:
+            current = self._states.get(gallery)
+            if current is not None and (state is None or current is state):
+                del self._states[gallery]
+
+    def sync_all(self) -> None:
+        with self._lock:
+            names = list(self._states)
+        for name in names:
+            try:
+                self.sync(name)
+            except Exception as exc:  # noqa: BLE001 - keep the background loop alive
+                log.warning("catch-up of gallery %s failed: %s", name, exc)
+
+    def warm_up(self) -> int:
+        """Load every gallery (at start, so the first search needs no build)."""
+        with self._sessions() as s:
+            names = [g.name for g in repo.list_galleries(s)]
+        for name in names:
+            try:
+                self._state(name)
+            except GalleryNotFound:
+                continue
+        return len(names)
+
+    def start_background_sync(self, interval: float) -> None:
+        """Catch up with other writers (replicas, tools) every ``interval`` seconds."""
+        if interval <= 0 or self._syncer is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                self.sync_all()
+
+        self._syncer = threading.Thread(target=loop, name="privface-sync", daemon=True)
+        self._syncer.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._syncer is not None:
+            self._syncer.join(timeout=5)
+
+    # ------------------------------------------------------------------ embedding
+
+    def _decode_all(self, blobs: Sequence[bytes], what: str = "sample") -> list[np.ndarray]:
+        if not blobs:
+            raise ServiceError("INVALID_ARGUMENT", f"at least one {what} is required", "empty")
+        if len(blobs) > repo.MAX_SAMPLES_PER_CALL:
+            raise ServiceError(
+                "INVALID_ARGUMENT",
+                f"{len(blobs)} samples in one call; the limit is {repo.MAX_SAMPLES_PER_CALL}",
+                "too_many",
+            )
+        return [self.embedder.decode(b, f"{what} {i}") for i, b in enumerate(blobs)]
+
+    def _templates(self, gallery: str, arrays: Sequence[np.ndarray]) -> list[SampleInput]:
+        key_id = self.current_template_key_id()
+        key = self._key(gallery, key_id)
+        emb = self.embedder.embed(arrays)
+        templates = _unit(protect(emb, key))
+        p = self.card.profile
+        return [
+            SampleInput(t, self.card.model_version, p.name, str(p.version), key_id)
+            for t in templates
+        ]
+
+    def template_of(self, gallery: str, blob: bytes) -> np.ndarray:
+        """The protected template one sample would get in ``gallery`` (diagnostics, tests)."""
+        return self._templates(gallery, self._decode_all([blob]))[0].template
+
+    def probe(self, blob: bytes) -> np.ndarray:
+        """The unit embedding of one protected probe (validated)."""
+        arrays = self._decode_all([blob], "probe")
+        return self.embedder.embed(arrays)[0]
+
+    # ------------------------------------------------------------------ server facts
+
+    def server_info(self) -> dict[str, Any]:
+        p = self.card.profile
+        return {
+            "model_version": self.card.model_version,
+            "profile": p.name,
+            "profile_version": p.version,
+            "profile_digest": p.digest(),
+            "embedding_dim": self.card.embedding_dim,
+            "template_dim": self.template_dim,
+            "default_threshold": self.card.threshold,
+            "threshold_source": self.card.threshold_source,
+            "template_key_id": self.current_template_key_id(),
+            "max_message_bytes": self.max_message_bytes,
+            "max_views_per_input": MAX_VIEWS,
+        }
+
+    # ------------------------------------------------------------------ galleries
+
+    def create_gallery(self, principal: Principal, name: str, description: str = "") -> GalleryInfo:
+        def work() -> GalleryInfo:
+            self._require(principal, "admin", name)
+            with self._sessions.begin() as s:
+                info = repo.create_gallery(s, name, description)
+                self._audit(principal, "create_gallery", name, session=s)
+            self._forget(name)  # a stale state of an earlier gallery of that name
+            return info
+
+        return self._guard(principal, "create_gallery", name, (), work)
+
+    def delete_gallery(self, principal: Principal, name: str) -> GalleryInfo:
+        def work() -> GalleryInfo:
+            self._require(principal, "admin", name)
+            with self._sessions.begin() as s:
+                info = repo.delete_gallery(s, name)
+                self._audit(principal, "delete_gallery", name, session=s)
+            self._forget(name)
+            return info
+
+        return self._guard(principal, "delete_gallery", name, (), work)
+
+    def list_galleries(self, principal: Principal) -> list[GalleryInfo]:
+        with self._sessions() as s:
+            return [g for g in repo.list_galleries(s) if principal.may_use(g.name)]
+
+    def gallery_stats(self, principal: Principal, name: str) -> GalleryStats:
+        def work() -> GalleryStats:
+            self._require(principal, frozenset({"identify", "enroll"}), name)
+            state = self._state(name)
+            with self._sessions() as s:
+                info = repo.get_gallery(s, name)
+                versions = repo.template_versions(s, name)
+            rows = [
+                {
+                    "model_version": m,
+                    "profile_name": p,
+                    "profile_version": v,
+                    "template_key_id": k,
+                    "sample_count": n,
+                    "searchable": m == self.card.model_version and self._key(name, k) is not None,
+                }
+                for (m, p, v, k), n in sorted(versions.items())
+            ]
+            indexes = list(state.indexes.values())
+            return GalleryStats(
+                gallery=info,
+                template_versions=rows,
+                indexed_samples=sum(len(i) for i in indexes),
+                index_type=", ".join(sorted({i.factory for i in indexes})) or "none",
+                on_gpu=any(i.on_gpu for i in indexes),
+                default_threshold=self.card.threshold,
+            )
+
+        return self._guard(principal, "gallery_stats", name, (), work)
+
+    # ------------------------------------------------------------------ subjects
+
+    def enroll(
+        self,
+        principal: Principal,
+        gallery: str,
+        subject_id: str,
+        samples: Sequence[bytes],
+        *,
+        display_name: str = "",
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str = "",
+    ) -> EnrollResult:
+        """Create a subject with one template per protected sample (module docstring)."""
+
+        def work() -> EnrollResult:
+            self._require(principal, "enroll", gallery)
+            self._state(gallery)  # NOT_FOUND before any model work
+            arrays = self._decode_all(samples)
+            inputs = self._templates(gallery, arrays)
+            digest = None
+            if idempotency_key:
+                digest = request_digest("enroll", subject_id, samples, display_name, metadata)
+            with self._sessions.begin() as s:
+                result = repo.enroll_subject(
+                    s, self.keys.get(), gallery, subject_id, inputs,
+                    display_name=display_name, metadata=dict(metadata or {}),
+                    idempotency_key=idempotency_key or None, request_digest=digest,
+                )
+                self._audit(principal, "enroll", gallery, [subject_id],
+                            "REPLAYED" if result.replayed else "OK", session=s)
+            self.sync(gallery)
+            return result
+
+        return self._guard(principal, "enroll", gallery, [subject_id], work)
+
+    def add_samples(
+        self,
+        principal: Principal,
+        gallery: str,
+        subject_id: str,
+        samples: Sequence[bytes],
+        *,
+        idempotency_key: str = "",
+    ) -> EnrollResult:
+        def work() -> EnrollResult:
+            self._require(principal, "enroll", gallery)
+            self._state(gallery)
+            arrays = self._decode_all(samples)
+            inputs = self._templates(gallery, arrays)
+            digest = request_digest("add_samples", subject_id, samples) if idempotency_key else None
+            with self._sessions.begin() as s:
+                result = repo.add_samples(
+                    s, self.keys.get(), gallery, subject_id, inputs,
+                    idempotency_key=idempotency_key or None, request_digest=digest,
+                )
+                self._audit(principal, "add_samples", gallery, [subject_id],
+                            "REPLAYED" if result.replayed else "OK", session=s)
+            self.sync(gallery)
+            return result
+
+        return self._guard(principal, "add_samples", gallery, [subject_id], work)
+
+    def _after_delete(self, gallery: str, removed: Sequence[int]) -> None:
+        with self._lock:
+            state = self._states.get(gallery)
+        if state is not None:
+            state.mark_deleted(removed)  # before the call returns: never found again
+        self.sync(gallery)
+
+    def remove_samples(
+        self, principal: Principal, gallery: str, subject_id: str, sample_ids: Sequence[int]
+    ) -> list[int]:
+        def work() -> list[int]:
+            self._require(principal, "enroll", gallery)
+            with self._sessions.begin() as s:
+                removed = repo.remove_samples(s, gallery, subject_id, sample_ids)
+                self._audit(principal, "remove_samples", gallery, [subject_id], session=s)
+            self._after_delete(gallery, removed)
+            return removed
+
+        return self._guard(principal, "remove_samples", gallery, [subject_id], work)
+
+    def delete_subject(self, principal: Principal, gallery: str, subject_id: str) -> list[int]:
+        """Cascading erasure; the subject is never returned by a search once this returns."""
+
+        def work() -> list[int]:
+            self._require(principal, "enroll", gallery)
+            with self._sessions.begin() as s:
+                removed = repo.delete_subject(s, gallery, subject_id)
+                self._audit(principal, "delete_subject", gallery, [subject_id], session=s)
+            self._after_delete(gallery, removed)
+            return removed
+
+        return self._guard(principal, "delete_subject", gallery, [subject_id], work)
+
+    def get_subject(self, principal: Principal, gallery: str, subject_id: str) -> SubjectRecord:
+        def work() -> SubjectRecord:
+            self._require(principal, frozenset({"identify", "enroll"}), gallery)
+            with self._sessions.begin() as s:
+                record = repo.get_subject(s, self.keys.get(), gallery, subject_id)
+                self._audit(principal, "get_subject", gallery, [subject_id], session=s)
+            return record
+
+        return self._guard(principal, "get_subject", gallery, [subject_id], work)
+
+    def list_subjects(
+        self, principal: Principal, gallery: str, page_size: int = 0, page_token: str = ""
+    ) -> SubjectPage:
+        def work() -> SubjectPage:
+            self._require(principal, frozenset({"identify", "enroll"}), gallery)
+            with self._sessions.begin() as s:
+                page = repo.list_subjects(
+                    s, self.keys.get(), gallery,
+                    page_size=page_size or DEFAULT_PAGE_SIZE, page_token=page_token,
+                )
+                self._audit(principal, "list_subjects", gallery, session=s)
+            return page
+
+        return self._guard(principal, "list_subjects", gallery, (), work)
+
+    def rename_subject(
+        self, principal: Principal, gallery: str, subject_id: str, display_name: str
+    ) -> SubjectRecord:
+        def work() -> SubjectRecord:
+            self._require(principal, "enroll", gallery)
+            with self._sessions.begin() as s:
+                record = repo.rename_subject(s, self.keys.get(), gallery, subject_id,
+                                             display_name)
+                self._audit(principal, "rename_subject", gallery, [subject_id], session=s)
+            return record
+
+        return self._guard(principal, "rename_subject", gallery, [subject_id], work)
+
+    def update_metadata(
+        self, principal: Principal, gallery: str, subject_id: str, metadata: Mapping[str, str]
+    ) -> SubjectRecord:
+        def work() -> SubjectRecord:
+            self._require(principal, "enroll", gallery)
+            with self._sessions.begin() as s:
+                record = repo.update_subject_metadata(s, self.keys.get(), gallery, subject_id,
+                                                      dict(metadata))
+                self._audit(principal, "update_metadata", gallery, [subject_id], session=s)
+            return record
+
+        return self._guard(principal, "update_metadata", gallery, [subject_id], work)
+
+    # ------------------------------------------------------------------ matching
+
+    def _threshold(self, threshold: float | None) -> float:
+        if threshold is None:
+            return self.card.threshold
+        if not np.isfinite(threshold) or not -1.0 <= threshold <= 1.0:
+            raise ServiceError(
+                "INVALID_ARGUMENT", f"threshold {threshold} must be a cosine score in [-1, 1]",
+                "threshold",
+            )
+        return float(threshold)
+
+    def search(
+        self, gallery: str, embedding: np.ndarray, top_k: int
+    ) -> list[Candidate]:
+        """Ranked subjects for a unit embedding (no threshold applied, ``match`` False)."""
+        state = self._state(gallery)
+        best: dict[str, Candidate] = {}
+        for key_id, index in list(state.indexes.items()):
+            key = self._key(gallery, key_id)
+            if key is None:
+                continue
+            query = _unit(protect(embedding[None], key))[0]
+            # Fetch a little deeper so hits hidden by pending tombstones leave no hole.
+            extra = min(len(state.deleted), 1000)
+            for hit in index.search(query, top_k + extra):
+                if hit.sample_id in state.deleted:
+                    continue
+                known = best.get(hit.subject)
+                if known is None or hit.score > known.score:
+                    best[hit.subject] = Candidate(str(hit.subject), hit.score, hit.sample_id,
+                                                  False)
+        ranked = sorted(best.values(), key=lambda c: (-c.score, c.subject_id))
+        return ranked[:top_k]
+
+    def identify(
+        self,
+        principal: Principal,
+        gallery: str,
+        probe: bytes,
+        top_k: int = 0,
+        threshold: float | None = None,
+    ) -> IdentifyResult:
+        def work() -> IdentifyResult:
+            self._require(principal, "identify", gallery)
+            k = top_k or DEFAULT_TOP_K
+            if not 1 <= k <= MAX_TOP_K:
+                raise ServiceError("INVALID_ARGUMENT", f"top_k must be 1-{MAX_TOP_K}", "top_k")
+            limit = self._threshold(threshold)
+            self._state(gallery)
+            embedding = self.probe(probe)
+            ranked = self.search(gallery, embedding, k)
+            candidates = [
+                Candidate(c.subject_id, c.score, c.sample_id, c.score >= limit) for c in ranked
+            ]
+            top = candidates[0] if candidates else None
+            matched = top is not None and top.match
+            self._audit(principal, "identify", gallery, [top.subject_id] if matched else [],
+                        "MATCH" if matched else "NO_MATCH")
+            return IdentifyResult(
+                match=matched,
+                subject_id=top.subject_id if matched else "",
+                score=top.score if top else 0.0,
+                threshold=limit,
+                candidates=candidates,
+                model_version=self.card.model_version,
+            )
+
+        return self._guard(principal, "identify", gallery, (), work)
+
+    def verify(
+        self,
+        principal: Principal,
+        gallery: str,
+        subject_id: str,
+        probe: bytes,
+        threshold: float | None = None,
+    ) -> VerifyResult:
+        """1:1 against the subject's stored templates (PostgreSQL, not the index)."""
+
+        def work() -> VerifyResult:
+            self._require(principal, "identify", gallery)
+            limit = self._threshold(threshold)
+            with self._sessions() as s:
+                record = repo.get_subject(s, self.keys.get(), gallery, subject_id,
+                                          include_templates=True)
+            embedding = self.probe(probe)
+            best_score, best_id = None, 0
+            for sample in record.samples:
+                if sample.model_version != self.card.model_version:
+                    continue
+                key = self._key(gallery, sample.template_key_id)
+                if key is None or sample.template is None:
+                    continue
+                query = _unit(protect(embedding[None], key))[0]
+                score = float(np.dot(query, _unit(sample.template)))
+                if best_score is None or score > best_score:
+                    best_score, best_id = score, sample.sample_id
+            if best_score is None:
+                raise ServiceError(
+                    "FAILED_PRECONDITION",
+                    f"subject {subject_id!r} has no template this server can compare (made by "
+                    "another model or template key); enrol new samples",
+                    "no_template",
+                )
+            matched = best_score >= limit
+            self._audit(principal, "verify", gallery, [subject_id],
+                        "MATCH" if matched else "NO_MATCH")
+            return VerifyResult(matched, best_score, limit, best_id, self.card.model_version)
+
+        return self._guard(principal, "verify", gallery, [subject_id], work)

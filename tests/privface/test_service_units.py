@@ -1,0 +1,221 @@
+"""The service's plain modules without a server: tokens and roles, key ring and template
+keys, idempotency digests, thresholds, settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+
+import numpy as np
+import pytest
+
+from privface import auth, keys
+from privface.config import load_settings
+from privface.embedding import THRESHOLD_META_KEY, model_version_of, resolve_threshold
+from privface.gallery_service import request_digest
+from privface.v1 import gallery_pb2 as pb
+from storage.crypto import KeyRing, load_keyring, new_keyring, save_keyring
+from storage.errors import KeyRingError
+
+# ------------------------------------------------------------------------------- tokens
+
+
+def test_token_file_rules(tmp_path):
+    good = {"name": "door", "roles": ["identify"], "galleries": ["lobby"]}
+    assert len(auth.TokenStore.parse(json.dumps({"x" * 20: good}))) == 1
+    assert len(auth.TokenStore.parse(json.dumps({"tokens": {"y" * 20: good}}))) == 1
+    bad_entries = [
+        {"short": good},  # a guessable token
+        {"x" * 20: {**good, "roles": ["root"]}},
+        {"x" * 20: {**good, "roles": []}},
+        {"x" * 20: {"name": "door", "roles": ["identify"]}},  # no galleries: no default
+        {"x" * 20: {**good, "name": " "}},
+        {"sha256:abc": good},
+    ]
+    for doc in bad_entries:
+        with pytest.raises(ValueError):
+            auth.TokenStore.parse(json.dumps(doc))
+    with pytest.raises(ValueError, match="JSON"):
+        auth.TokenStore.parse("{not json")
+
+
+def test_add_token_and_authenticate(tmp_path):
+    path = tmp_path / "tokens.json"
+    t1 = auth.add_token(path, "door-1", ["identify"], ["lobby", "site-*"])
+    t2 = auth.add_token(path, "ops", ["admin"], ["*"])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    text = path.read_text()
+    assert t1 not in text and t2 not in text  # only hashes are stored
+    with pytest.raises(ValueError, match="already exists"):
+        auth.add_token(path, "ops", ["admin"], ["*"])
+    store = auth.TokenStore.load(path)
+    door = store.authenticate(t1)
+    assert door.name == "door-1" and door.roles == {"identify"}
+    assert store.authenticate("nope" * 10) is None
+    assert door.may_use("lobby") and door.may_use("site-7") and not door.may_use("lobby2")
+    # Revocation without a restart: the file is re-read when it changes.
+    doc = json.loads(text)
+    del doc["sha256:" + auth.token_hash(t1)]
+    path.write_text(json.dumps(doc))
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    store._checked -= 2
+    assert store.authenticate(t1) is None and store.authenticate(t2).name == "ops"
+
+
+def test_principal_require():
+    p = auth.Principal("app", frozenset({"identify"}), ("team-a*",))
+    p.require("identify", "team-a1")
+    with pytest.raises(auth.AuthError) as e:
+        p.require("enroll", "team-a1")
+    assert e.value.code == "PERMISSION_DENIED"
+    with pytest.raises(auth.AuthError, match="may not use gallery"):
+        p.require("identify", "team-b")
+    admin = auth.Principal("ops", frozenset({"admin"}), ("*",))
+    admin.require("enroll", "anything")
+    admin.require(frozenset({"identify", "enroll"}), "x")
+
+
+def test_bearer_token_parsing():
+    assert auth.bearer_token((("authorization", "Bearer abc"),)) == "abc"
+    assert auth.bearer_token((("Authorization", "bearer  abc "),)) == "abc"
+    assert auth.bearer_token((("authorization", "Basic abc"),)) is None
+    assert auth.bearer_token((("authorization", "Bearer"),)) is None
+    assert auth.bearer_token((("x-other", "Bearer abc"),)) is None
+    assert auth.bearer_token(None) is None
+
+
+def test_every_rpc_has_a_role():
+    """A new RPC must be given roles explicitly; unlisted methods are refused."""
+    methods = {
+        f"/{service.full_name}/{method.name}"
+        for service in pb.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    }
+    assert methods == set(auth.METHOD_ROLES)
+    interceptor = auth.AuthInterceptor(None)
+    with pytest.raises(auth.AuthError, match="not open"):
+        interceptor.authorize("/privface.v1.SubjectService/Unlisted", ())
+    assert interceptor.authorize("/privface.v1.MatchService/Identify", ()) is auth.ANONYMOUS
+
+
+def test_current_principal_fails_closed():
+    with pytest.raises(auth.AuthError) as e:
+        auth.current_principal()
+    assert e.value.code == "UNAUTHENTICATED"
+
+
+# ------------------------------------------------------------------------------- keys
+
+
+def test_template_keys_and_rotation():
+    ring = keys.new_service_keyring()
+    assert ring.primary == "k1" and keys.template_key_ids(ring) == ["tmap-1"]
+    for _ in range(10):
+        ring = keys.add_template_key(ring)
+    assert keys.template_key_ids(ring)[-2:] == ["tmap-10", "tmap-11"]  # numeric order
+    rotated = keys.rotate_encryption_key(ring)
+    assert rotated.primary == "k2" and keys.encryption_key_ids(rotated) == ["k1", "k2"]
+    assert keys.template_key_ids(rotated) == keys.template_key_ids(ring)
+
+    a = keys.mapping_key(ring, "lobby", "tmap-1")
+    assert a == keys.mapping_key(rotated, "lobby", "tmap-1")  # survives encryption rotation
+    assert a != keys.mapping_key(ring, "garage", "tmap-1")  # one key per gallery
+    assert a != keys.mapping_key(ring, "lobby", "tmap-2")  # renewable
+    assert keys.mapping_key(ring, "lobby", "tmap-99") is None
+    assert keys.mapping_key(ring, "lobby", "k1") is None  # encryption keys never map
+    other = keys.new_service_keyring()
+    assert keys.mapping_key(other, "lobby", "tmap-1") != a  # secret-dependent
+
+
+def test_resolve_keyring(tmp_path):
+    data = tmp_path / "data"
+    with pytest.raises(KeyRingError, match="never creates keys"):
+        keys.resolve_keyring("", data, create_quickstart=False, environ={})
+    src = keys.resolve_keyring("", data, create_quickstart=True, environ={})
+    created = data / keys.QUICKSTART_KEY_FILE
+    assert src.path == created and stat.S_IMODE(created.stat().st_mode) == 0o600
+    assert keys.template_key_ids(src.get()) == ["tmap-1"]
+    # Found again (not re-created) on the next start, even for an external database.
+    again = keys.resolve_keyring("", data, create_quickstart=False, environ={})
+    assert again.get().keys == src.get().keys
+
+    explicit = tmp_path / "explicit.json"
+    save_keyring(keys.new_service_keyring(), explicit)
+    assert keys.resolve_keyring(str(explicit), data, create_quickstart=False,
+                                environ={}).path == explicit
+    env = {"PRIVFACE_KEYRING_FILE": str(explicit)}
+    assert keys.resolve_keyring("", data, create_quickstart=False, environ=env).path == explicit
+    inline = {"PRIVFACE_KEYRING": keys.new_service_keyring().to_json()}
+    src = keys.resolve_keyring("", data, create_quickstart=False, environ=inline)
+    assert src.path is None and keys.template_key_ids(src.get()) == ["tmap-1"]
+
+
+def test_keyring_source_reloads(tmp_path):
+    path = tmp_path / "k.json"
+    save_keyring(keys.new_service_keyring(), path)
+    src = keys.KeyRingSource(load_keyring(path), path)
+    rotated = keys.rotate_encryption_key(src.get())
+    save_keyring(rotated, path, overwrite=True)
+    assert src.reload().primary == "k2"
+    path.write_text("{broken")
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    assert src.reload().primary == "k2"  # a broken file never replaces working keys
+
+
+def test_single_env_key_has_no_template_key():
+    ring = KeyRing.from_single_key(new_keyring().to_json().split('"')[-2])
+    assert keys.template_key_ids(ring) == []
+
+
+# ------------------------------------------------------------------------------- misc
+
+
+def test_request_digest():
+    base = request_digest("enroll", "s1", [b"a", b"b"], "Ann", {"k": "v"})
+    assert base == request_digest("enroll", "s1", [b"a", b"b"], "Ann", {"k": "v"})
+    for other in (
+        request_digest("enroll", "s1", [b"a", b"c"], "Ann", {"k": "v"}),
+        request_digest("enroll", "s1", [b"ab"], "Ann", {"k": "v"}),
+        request_digest("enroll", "s2", [b"a", b"b"], "Ann", {"k": "v"}),
+        request_digest("enroll", "s1", [b"a", b"b"], "Anne", {"k": "v"}),
+        request_digest("enroll", "s1", [b"a", b"b"], "Ann", {"k": "w"}),
+        request_digest("add_samples", "s1", [b"a", b"b"], "Ann", {"k": "v"}),
+    ):
+        assert other != base
+    assert len(base) == 64 and base == base.lower()
+
+
+def test_threshold_resolution(tmp_path):
+    assert resolve_threshold({THRESHOLD_META_KEY: 0.31}, 0.0) == (0.31, "model")
+    assert resolve_threshold({THRESHOLD_META_KEY: 0.31}, 0.4) == (0.4, "settings")
+    with pytest.raises(ValueError, match="PRIVFACE_THRESHOLD"):
+        resolve_threshold({}, 0.0)
+    a, b = tmp_path / "m.pt", tmp_path / "n.pt"
+    a.write_bytes(b"one")
+    b.write_bytes(b"two")
+    assert model_version_of(a).startswith("m@") and model_version_of(a) != model_version_of(b)
+
+
+def test_client_settings_from_environment():
+    env = {"PRIVFACE_SERVER": "10.0.0.5:443", "PRIVFACE_TOKEN": "t" * 20,
+           "PRIVFACE_GALLERY": "lobby", "PRIVFACE_THRESHOLD": "0.3",
+           "PRIVFACE_SYNC_INTERVAL": "0.5", "PRIVFACE_TORCH_THREADS": "2"}
+    s = load_settings(env=env)
+    assert (s.server, s.token, s.gallery) == ("10.0.0.5:443", "t" * 20, "lobby")
+    assert (s.threshold, s.sync_interval, s.torch_threads) == (0.3, 0.5, 2)
+
+
+def test_protect_many_matches_protect_face(aligned_faces):
+    from enrollment.profiles import get_profile
+    from privface.client import content_rng, protect_face, protect_many
+
+    profile = get_profile("partialface-paper")
+    faces = aligned_faces[:3]
+    rngs = [np.random.default_rng(i) for i in range(3)]
+    many = protect_many(faces, profile, rngs=rngs)
+    assert many == [protect_face(f, profile, rng=np.random.default_rng(i))
+                    for i, f in enumerate(faces)]
+    same = [content_rng(b"img", "p").integers(1 << 30) for _ in range(2)]
+    assert same[0] == same[1] != content_rng(b"img2", "p").integers(1 << 30)
