@@ -23,27 +23,16 @@ speed, meaningless matches; the JSON says so).
 
 from __future__ import annotations
 
-import os
-import sys
+import _threads  # first: sets the BLAS thread count before numpy is imported
 
-
-def _threads_from_argv(default: int = 1) -> int:
-    for i, a in enumerate(sys.argv):
-        if a == "--threads" and i + 1 < len(sys.argv):
-            return int(sys.argv[i + 1])
-        if a.startswith("--threads="):
-            return int(a.split("=", 1)[1])
-    return default
-
-
-THREADS = _threads_from_argv()
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = str(THREADS)
+THREADS = _threads.THREADS
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import os
 import shutil  # noqa: E402
+import sys
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402

@@ -101,6 +101,23 @@ def _as_key(key: object) -> SubjectKey:
     return int(key) if isinstance(key, int | np.integer) else key
 
 
+def check_batch(x, sample_ids, subjects, d: int, key=None) -> tuple[np.ndarray, np.ndarray, list]:
+    """Normalised vectors, int64 ids and one subject key per id for an add; refuses
+    mismatched lengths and duplicate ids.  ``key`` encodes a subject (backend-specific)."""
+    key = key or _as_key
+    xs = normalize(x, d)
+    ids = _as_ids(sample_ids)
+    if isinstance(subjects, int | str | np.integer):
+        keys = [key(subjects)] * len(ids)
+    else:
+        keys = [key(k) for k in subjects]
+    if not len(xs) == len(ids) == len(keys):
+        raise ValueError("x, sample_ids and subjects differ in length")
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("duplicate sample ids in one add")
+    return xs, ids, keys
+
+
 class GalleryIndex:
     """FAISS index of one gallery returning ranked subjects; see the module docstring."""
 
@@ -304,16 +321,7 @@ class GalleryIndex:
         With ``seq``, an add not newer than a recorded removal of the same sample is dropped:
         an enrolment thread that loses a race with a deletion cannot resurrect the sample.
         """
-        xs = normalize(x, self.d)
-        ids = _as_ids(sample_ids)
-        if isinstance(subjects, int | str | np.integer):
-            keys = [_as_key(subjects)] * len(ids)
-        else:
-            keys = [_as_key(k) for k in subjects]
-        if not len(xs) == len(ids) == len(keys):
-            raise ValueError("x, sample_ids and subjects differ in length")
-        if len(np.unique(ids)) != len(ids):
-            raise ValueError("duplicate sample ids in one add")
+        xs, ids, keys = check_batch(x, sample_ids, subjects, self.d, _as_key)
         with self._lock.write():
             if not self._cpu.is_trained:
                 raise RuntimeError(f"{self.factory!r} must be trained before adding")

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .index import GROWTH, Hit, SubjectKey, _as_ids, _as_key, normalize
+from .index import GROWTH, Hit, SubjectKey, _as_ids, _as_key, check_batch, normalize
 
 MILVUS_MAX_TOPK = 16384
 STATE_SUFFIX = "__state"
@@ -177,16 +177,7 @@ class MilvusGalleryIndex:
         seq: int | None = None,
     ) -> int:
         """Upsert templates (re-adding a sample replaces it); see GalleryIndex.add."""
-        xs = normalize(x, self.d)
-        ids = _as_ids(sample_ids)
-        if isinstance(subjects, int | str | np.integer):
-            keys = [encode_subject(subjects)] * len(ids)
-        else:
-            keys = [encode_subject(k) for k in subjects]
-        if not len(xs) == len(ids) == len(keys):
-            raise ValueError("x, sample_ids and subjects differ in length")
-        if len(np.unique(ids)) != len(ids):
-            raise ValueError("duplicate sample ids in one add")
+        xs, ids, keys = check_batch(x, sample_ids, subjects, self.d, encode_subject)
         if any(len(k) > SUBJECT_MAX_LEN for k in keys):
             raise ValueError(f"subject keys are limited to {SUBJECT_MAX_LEN - 2} characters")
         if seq is not None and len(ids):
