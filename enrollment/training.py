@@ -254,7 +254,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
 
     in_ch = {"partialface": 27, "rgb": 3, "hfcf": 71}[config.kind]
     bcfg = BackboneConfig.from_dict({**config.backbone.to_dict(), "in_channels": in_ch})
-    model = Backbone(bcfg)
+    # channels-last: oneDNN's convolutions run ~1.3x faster in that layout on this CPU.
+    model = Backbone(bcfg).to(memory_format=torch.channels_last)
     arcface = ArcFace(
         bcfg.embedding_size, max(len(classes), 1), config.arcface_scale, config.arcface_margin
     )
@@ -315,7 +316,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             )
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, config)
-            emb = model(x)
+            emb = model(x.contiguous(memory_format=torch.channels_last))
             distill = (1 - nn.functional.cosine_similarity(emb, targets[idx])).mean()
             loss = config.distill_weight * distill
             arc = torch.zeros(())

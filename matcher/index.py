@@ -25,6 +25,7 @@ of ``compact`` / ``rebuild`` take the writer side.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import threading
@@ -46,6 +47,7 @@ SubjectKey = int | str
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 META_FILE = "meta.npz"
+_ARRAYS = ("sample", "subject", "alive", "in_index", "tombstones")
 # How much faster k grows when a query did not find enough distinct subjects.
 GROWTH = 4
 _EF_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
@@ -743,40 +745,17 @@ class GalleryIndex:
                 name = f"index-{stamp}.faiss"
                 faiss.write_index(self._cpu, str(root / name))
                 _fsync(root / name)
-                n = self._n_labels
                 exact_name = None
                 if self._exact is not None:
                     exact_name = f"exact-{stamp}.npy"
                     with open(root / exact_name, "wb") as f:
-                        np.save(f, self._exact[:n])
+                        np.save(f, self._exact[: self._n_labels])
                         f.flush()
                         os.fsync(f.fileno())
-                tomb = np.array(sorted(self._tombstones.items()), np.int64).reshape(-1, 2)
-                meta = {
-                    "version": FORMAT_VERSION,
-                    "d": self.d,
-                    "factory": self.factory,
-                    "overfetch": self.overfetch,
-                    "ef_search": self.ef_search,
-                    "nprobe": self.nprobe,
-                    "rescore": self.rescore,
-                    "planned": self.planned,
-                    "seq": self.seq,
-                    "index_file": name,
-                    "exact_file": exact_name,
-                    "keys": self._keys,
-                }
+                meta = {**self._meta(), "index_file": name, "exact_file": exact_name}
                 tmp = root / f".{META_FILE}.{uuid.uuid4().hex}.tmp"
                 with open(tmp, "wb") as f:
-                    np.savez(
-                        f,
-                        meta=np.array(json.dumps(meta)),
-                        sample=self._sample[:n],
-                        subject=self._subject[:n],
-                        alive=self._alive[:n],
-                        in_index=self._in_index[:n],
-                        tombstones=tomb,
-                    )
+                    np.savez(f, meta=np.array(json.dumps(meta)), **self._arrays())
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, root / META_FILE)
@@ -792,20 +771,85 @@ class GalleryIndex:
         root = Path(path)
         with np.load(root / META_FILE, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
-            arrays = {k: z[k] for k in ("sample", "subject", "alive", "in_index", "tombstones")}
-        if meta["version"] not in READABLE_VERSIONS:
-            raise ValueError(f"unsupported snapshot version {meta['version']}")
+            arrays = {k: z[k] for k in _ARRAYS}
+        _check_version(meta)
         cpu = faiss.read_index(str(root / meta["index_file"]))
-        n = len(arrays["sample"])
         exact = None
         if meta.get("exact_file"):
             exact = np.load(root / meta["exact_file"], allow_pickle=False)
+        return cls._restore(meta, arrays, cpu, exact, force_cpu, str(root))
+
+    def dumps(self) -> bytes:
+        """The same snapshot as :meth:`save`, as one in-memory buffer.
+
+        For callers that must not let templates touch the disk in clear (the service
+        encrypts this buffer before writing it). Searches go on while it is taken.
+        """
+        with self._lock.read():
+            parts = {
+                "meta": np.array(json.dumps(self._meta())),
+                "index": faiss.serialize_index(self._cpu),
+                **self._arrays(),
+            }
+            if self._exact is not None:
+                parts["exact"] = self._exact[: self._n_labels]
+            buf = io.BytesIO()
+            np.savez(buf, **parts)
+        return buf.getvalue()
+
+    @classmethod
+    def loads(cls, data: bytes, *, force_cpu: bool = False) -> GalleryIndex:
+        """Open a buffer made by :meth:`dumps`; then ``replay`` what changed after ``.seq``."""
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            arrays = {k: z[k] for k in _ARRAYS}
+            cpu = faiss.deserialize_index(z["index"])
+            exact = z["exact"] if "exact" in z.files else None
+        _check_version(meta)
+        return cls._restore(meta, arrays, cpu, exact, force_cpu, "snapshot buffer")
+
+    def _meta(self) -> dict:
+        return {
+            "version": FORMAT_VERSION,
+            "d": self.d,
+            "factory": self.factory,
+            "overfetch": self.overfetch,
+            "ef_search": self.ef_search,
+            "nprobe": self.nprobe,
+            "rescore": self.rescore,
+            "planned": self.planned,
+            "seq": self.seq,
+            "keys": self._keys,
+        }
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        n = self._n_labels
+        tomb = np.array(sorted(self._tombstones.items()), np.int64).reshape(-1, 2)
+        return {
+            "sample": self._sample[:n],
+            "subject": self._subject[:n],
+            "alive": self._alive[:n],
+            "in_index": self._in_index[:n],
+            "tombstones": tomb,
+        }
+
+    @classmethod
+    def _restore(
+        cls,
+        meta: dict,
+        arrays: dict[str, np.ndarray],
+        cpu: faiss.Index,
+        exact: np.ndarray | None,
+        force_cpu: bool,
+        where: str,
+    ) -> GalleryIndex:
+        n = len(arrays["sample"])
         if (
             cpu.d != meta["d"]
             or cpu.ntotal != int(arrays["in_index"].sum())
             or (exact is not None and exact.shape != (n, meta["d"]))
         ):
-            raise ValueError(f"index file in {root} does not match its metadata")
+            raise ValueError(f"index file in {where} does not match its metadata")
         self = cls.__new__(cls)
         self._setup(
             meta["d"],
@@ -996,6 +1040,11 @@ def _train(index: faiss.Index, x: np.ndarray) -> None:
     if len(x) < need:
         raise ValueError(f"{len(x)} templates cannot train {need} IVF lists")
     index.train(x)
+
+
+def _check_version(meta: dict) -> None:
+    if meta["version"] not in READABLE_VERSIONS:
+        raise ValueError(f"unsupported snapshot version {meta['version']}")
 
 
 def _fsync(path: Path) -> None:

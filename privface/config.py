@@ -54,6 +54,11 @@ class Settings:
     #: seconds between catch-ups of the in-memory indexes with PostgreSQL (changes made by
     #: other replicas or tools); 0 turns the background catch-up off
     sync_interval: float = 2.0
+    #: keep encrypted snapshots of the search indexes in <data_dir>/snapshots, so a restart
+    #: replays what changed since instead of rebuilding every index from PostgreSQL
+    index_snapshots: bool = True
+    #: seconds between snapshots of galleries that changed (one is also written at shutdown)
+    snapshot_interval: float = 300.0
     #: client side: the server to call (HOST:PORT); empty = the listen address
     server: str = ""
     #: client side: the bearer token sent with every call

@@ -173,8 +173,10 @@ def build_server(settings: Settings, *, warm_up: bool = True) -> RunningServer:
                                create_quickstart=embedded is not None)
         db = make_engine(url, pool_size=max(5, settings.workers))
         sessions = make_session_factory(db)
+        snapshots = Path(settings.data_dir).expanduser() / "snapshots"
         engine = GalleryEngine(sessions, keys, embedder, force_cpu_index=settings.force_cpu_index,
-                               max_message_bytes=settings.max_message_bytes)
+                               max_message_bytes=settings.max_message_bytes,
+                               snapshot_dir=snapshots if settings.index_snapshots else None)
     except BaseException:
         if embedded is not None:
             embedded.stop()
@@ -211,6 +213,7 @@ def build_server(settings: Settings, *, warm_up: bool = True) -> RunningServer:
             n = engine.warm_up()
             log.info("%d galleries loaded from PostgreSQL", n)
         engine.start_background_sync(settings.sync_interval)
+        engine.start_background_snapshots(settings.snapshot_interval)
     except BaseException:
         running.stop(0)
         raise

@@ -17,8 +17,9 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from privface.auth import AuthError, current_principal
+from privface.batching import groups
 from privface.errors import ServiceError
-from privface.gallery_service import GalleryEngine
+from privface.gallery_service import EnrollItem, GalleryEngine
 from privface.v1 import gallery_pb2 as pb
 from privface.v1 import gallery_pb2_grpc as rpc
 from storage.errors import StorageError
@@ -28,6 +29,8 @@ log = logging.getLogger("privface.service")
 
 T = TypeVar("T")
 REASON_KEY = "privface-reason"
+#: EnrollBatch items embedded and committed together (what arrived while the last group ran)
+ENROLL_GROUP = 32
 
 
 def _status(exc: BaseException) -> tuple[str, str, str] | None:
@@ -169,24 +172,28 @@ class SubjectServicer(rpc.SubjectServiceServicer):
                                  sample_ids=list(result.sample_ids), replayed=result.replayed)
 
     def EnrollBatch(self, request_iterator, context) -> Iterator[pb.EnrollBatchResult]:
+        principal = current_principal()
         count = 0
-        for request in request_iterator:
-            index, count = count, count + 1
-            try:
-                result = self._enroll(request)
-            except Exception as exc:  # noqa: BLE001 - one bad item never stops the batch
-                known = _status(exc)
-                if known is None:
-                    log.exception("internal error in batch item %d", index)
-                    known = ("INTERNAL", "internal error (details are in the server log)", "")
-                code, message, reason = known
-                yield pb.EnrollBatchResult(index=index, subject_id=request.subject_id, ok=False,
-                                           status=code, reason=reason, message=message)
-                continue
-            yield pb.EnrollBatchResult(
-                index=index, subject_id=result.subject_id, ok=True, status="OK",
-                sample_ids=list(result.sample_ids), replayed=result.replayed,
-            )
+        for group in groups(request_iterator, ENROLL_GROUP):
+            items = [EnrollItem(r.gallery, r.subject_id, [s.data for s in r.samples],
+                                r.display_name, dict(r.metadata), r.idempotency_key)
+                     for r in group]
+            for item, result in zip(items, self.engine.enroll_many(principal, items),
+                                    strict=True):
+                index, count = count, count + 1
+                if isinstance(result, Exception):
+                    known = _status(result)
+                    if known is None:
+                        log.error("internal error in batch item %d", index, exc_info=result)
+                        known = ("INTERNAL", "internal error (details are in the server log)", "")
+                    code, message, reason = known
+                    yield pb.EnrollBatchResult(index=index, subject_id=item.subject_id, ok=False,
+                                               status=code, reason=reason, message=message)
+                    continue
+                yield pb.EnrollBatchResult(
+                    index=index, subject_id=result.subject_id, ok=True, status="OK",
+                    sample_ids=list(result.sample_ids), replayed=result.replayed,
+                )
         if count == 0:
             _fail(context, "INVALID_ARGUMENT", "empty batch: the stream held no enrol request",
                   "empty")

@@ -1,0 +1,138 @@
+"""Encrypted index snapshots: the file format alone, then restarts of a real server that
+load a snapshot and replay what other writers changed while it was down."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from matcher import GalleryIndex
+from privface import index_snapshots as snaps
+from privface.server import build_server
+from storage.crypto import new_keyring
+from tests.privface.conftest import ServiceHandle, service_settings, write_keys, write_tokens
+
+
+def _index(n: int = 50, d: int = 16, seed: int = 0) -> tuple[GalleryIndex, np.ndarray]:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    idx = GalleryIndex(d, "IDMap2,Flat")
+    idx.add(x, np.arange(n) + 100, [f"s{i // 2}" for i in range(n)], seq=7)
+    return idx, x
+
+
+def _write(tmp_path, ring, **payloads):
+    return snaps.write_snapshot(tmp_path, ring, gallery="g/ä 1", gallery_id=3, cursor=42,
+                                model_version="m1", payloads=payloads)
+
+
+def test_round_trip_in_chunks_and_no_template_in_clear(tmp_path, monkeypatch):
+    monkeypatch.setattr(snaps, "CHUNK", 1000)  # many chunks
+    ring = new_keyring()
+    idx, x = _index()
+    path = _write(tmp_path, ring, **{"tmap-1": idx.dumps(), "tmap-2": b"second"})
+    raw = path.read_bytes()
+    assert x[0].tobytes()[:12] not in raw and b"s1" not in raw.split(b"}", 1)[1]
+    assert (path.stat().st_mode & 0o777) == 0o600
+    snap = snaps.read_snapshot(tmp_path, ring, "g/ä 1")
+    assert (snap.gallery_id, snap.cursor, snap.model_version) == (3, 42, "m1")
+    assert snap.payloads["tmap-2"] == b"second"
+    back = GalleryIndex.loads(snap.payloads["tmap-1"])
+    assert back.seq == 7 and back.search_batch(x[:5], 3) == idx.search_batch(x[:5], 3)
+    assert snaps.read_snapshot(tmp_path, ring, "another gallery") is None
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "header", "drop_chunk", "other_key"])
+def test_damaged_or_foreign_snapshots_are_refused(tmp_path, monkeypatch, damage):
+    monkeypatch.setattr(snaps, "CHUNK", 1000)
+    ring = new_keyring()
+    path = _write(tmp_path, ring, **{"tmap-1": _index()[0].dumps()})
+    raw = bytearray(path.read_bytes())
+    header_end = raw.index(b"}") + 1
+    if damage == "flip":
+        raw[-100] ^= 1
+    elif damage == "truncate":
+        raw = raw[: len(raw) - 1030]  # whole last chunk gone: the new last one is not "last"
+    elif damage == "header":
+        raw = bytearray(bytes(raw).replace(b'"cursor": 42', b'"cursor": 43', 1))
+    elif damage == "drop_chunk":
+        first = header_end + 8 + int.from_bytes(raw[header_end : header_end + 8], "big")
+        del raw[header_end:first]
+    else:
+        ring = new_keyring()  # same key id, another key
+    path.write_bytes(bytes(raw))
+    with pytest.raises(snaps.SnapshotError):
+        snaps.read_snapshot(tmp_path, ring, "g/ä 1")
+
+
+@pytest.fixture
+def servers(tmp_path, new_database, service_model):
+    """start(**settings) -> a server on one database and one data directory."""
+    tokens = write_tokens(tmp_path / "tokens.json")
+    write_keys(tmp_path / "keyring.json")
+    started = []
+    with new_database("snap") as url:
+
+        def start(**extra) -> ServiceHandle:
+            settings = service_settings(tmp_path, url, service_model, sync_interval=0,
+                                        **extra)
+            running = build_server(settings)
+            started.append(running)
+            return ServiceHandle(running, tokens, settings)
+
+        yield start
+        for running in started:
+            running.stop(0)
+
+
+def _answers(client, gallery, probes):
+    return [[(c.subject_id, c.sample_id, round(c.score, 5))
+             for c in client.identify(gallery, p, top_k=5).candidates] for p in probes]
+
+
+def test_restart_loads_snapshot_and_replays_changes_made_meanwhile(servers, att_inputs, caplog):
+    g = "snapshots"
+    probes = [att_inputs[(s, 9)] for s in range(1, 8)]
+    a = servers()
+    with a.client("admin") as c:
+        c.create_gallery(g)
+        for s in range(1, 7):
+            c.enroll(g, f"s{s}", [att_inputs[(s, i)] for i in (1, 2)])
+    a.running.stop(0)  # writes the snapshot
+    files = list((Path(a.settings.data_dir) / "snapshots").glob("*.pfsnap"))
+    assert len(files) == 1
+
+    # Another writer (snapshots off) changes the gallery while the first server is down.
+    b = servers(index_snapshots=False)
+    with b.client("admin") as c:
+        c.delete_subject(g, "s2")
+        c.remove_samples(g, "s3", [c.get_subject(g, "s3").samples[0].sample_id])
+        c.enroll(g, "s7", [att_inputs[(7, 1)]])
+        want = _answers(c, g, probes)
+    b.running.stop(0)
+    assert files[0].exists()
+
+    caplog.set_level(logging.INFO, logger="privface.gallery")
+    a2 = servers()
+    assert any("from the index snapshot" in r.getMessage() for r in caplog.records)
+    with a2.client("admin") as c:
+        got = _answers(c, g, probes)
+        assert got == want
+        assert all(sid != "s2" for cands in got for sid, _, _ in cands)
+        assert got[6][0][0] == "s7"
+    a2.running.stop(0)
+
+    # A damaged snapshot is only a cache: the next start rebuilds from PostgreSQL.
+    raw = bytearray(files[0].read_bytes())
+    raw[-50] ^= 0xFF
+    files[0].write_bytes(bytes(raw))
+    caplog.clear()
+    a3 = servers()
+    assert any("snapshot not used" in r.getMessage() for r in caplog.records)
+    with a3.client("admin") as c:
+        assert _answers(c, g, probes) == want
+        c.delete_gallery(g)
+    assert not files[0].exists()
