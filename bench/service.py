@@ -212,6 +212,8 @@ def main() -> None:
     ap.add_argument("--enroll", type=int, default=300, help="LFW faces enrolled via the API")
     ap.add_argument("--single", type=int, default=50, help="of which one Enroll call each")
     ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--views", type=int, choices=[1, 2], default=2,
+                    help="views per protected input: face + mirror (the CLI's default) or face")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=THREADS, help="torch / FAISS / BLAS threads")
@@ -252,6 +254,7 @@ def main() -> None:
             "model": str(model_path),
             "untrained_model": untrained,
             "threads": THREADS,
+            "views_per_input": args.views,
             "cpus": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "note": "end to end over gRPC on one machine (client, server, embedded "
@@ -272,7 +275,8 @@ def main() -> None:
         # ---- client side: protect every face once (not part of the server's numbers)
         rows = [r for _, rs in single + batch for r in rs] + [r for _, r in probes + non_mated]
         t = time.perf_counter()
-        blobs = protect_many(cache.images[rows], profile, rng=np.random.default_rng(args.seed))
+        blobs = protect_many(cache.images[rows], profile, flip=args.views == 2,
+                             rng=np.random.default_rng(args.seed))
         protect_ms = (time.perf_counter() - t) / len(rows) * 1e3
         blob_of = dict(zip(rows, blobs, strict=True))
         log(f"client-side protection: {protect_ms:.1f} ms per face (batched)")

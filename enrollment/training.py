@@ -27,7 +27,7 @@ from enrollment.backbone import Backbone, BackboneConfig, count_parameters
 from enrollment.face_cache import FaceCache, build_cache
 from enrollment.lfw_protocol import held_out_identities
 from enrollment.metrics import best_threshold
-from enrollment.model_io import embed, model_inputs, save_model
+from enrollment.model_io import embed, load_model, model_inputs, save_model
 from enrollment.profiles import get_profile
 
 GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -62,6 +62,7 @@ class TrainConfig:
     limit_identities: int | None = None
     threads: int | None = None
     workers: int = 2
+    init: str | None = None  # model file to start from (warm restart), not a checkpoint
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -277,6 +278,15 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     start_epoch, step = 0, 0
     ckpt_path = out / "checkpoint.pt"
     log_path = out / "log.jsonl"
+    if config.init and not ckpt_path.exists():
+        start_from, info = load_model(config.init)
+        if start_from.config.to_dict() != bcfg.to_dict() or info["kind"] != config.kind:
+            raise ValueError(
+                f"--init {config.init}: its architecture/kind ({info['kind']}, "
+                f"{start_from.config.to_dict()}) differs from this run's ({config.kind}, "
+                f"{bcfg.to_dict()})"
+            )
+        model.load_state_dict(start_from.state_dict())
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["model"])
@@ -316,7 +326,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             )
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, config)
-            emb = model(x.contiguous(memory_format=torch.channels_last))
+            emb = model(x)  # NCHW in: standardised there, channels-last from the stem on
             distill = (1 - nn.functional.cosine_similarity(emb, targets[idx])).mean()
             loss = config.distill_weight * distill
             arc = torch.zeros(())

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--cache-dir")
     p.add_argument("--ship", help="copy the final model here (e.g. the shipped weights)")
+    p.add_argument("--init", help="start from this model file's weights (a warm restart: a new "
+                   "LR schedule over --epochs; architecture and kind must match)")
     p.add_argument("--config")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func="privface.model_commands:cmd_train")

@@ -48,6 +48,7 @@ def cmd_train(args) -> int:
         threads=args.threads,
         warmup_steps=args.warmup_steps,
         val_identities=args.val_identities,
+        init=args.init,
     )
     summary = train(config, progress=not args.quiet)
     print(json.dumps({k: v for k, v in summary.items() if k != "teacher_mean"}, indent=2))

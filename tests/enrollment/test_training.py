@@ -81,6 +81,29 @@ def test_resume_continues_from_checkpoint(tiny_run):
     assert log[1]["step"] == 2 * log[0]["step"]
 
 
+def test_warm_restart_starts_from_the_given_model(tiny_run, tmp_path):
+    import dataclasses
+
+    import torch
+
+    from enrollment.model_io import load_model
+
+    config, _ = tiny_run
+    start, _ = load_model(Path(config.out_dir) / "model.pt")
+    # lr 0: the run must end exactly where it started (BN statistics aside)
+    warm = dataclasses.replace(config, out_dir=str(tmp_path / "warm"), epochs=1, lr=0.0,
+                               init=str(Path(config.out_dir) / "model.pt"))
+    train(warm, progress=False)
+    end, _ = load_model(tmp_path / "warm" / "model.pt")
+    for (name, a), b in zip(start.state_dict().items(), end.state_dict().values(), strict=True):
+        if "running" not in name and "num_batches" not in name:
+            torch.testing.assert_close(a, b, msg=name)
+    other = dataclasses.replace(warm, out_dir=str(tmp_path / "other"),
+                                backbone=dataclasses.replace(TINY, embedding_size=16))
+    with pytest.raises(ValueError, match="architecture"):
+        train(other, progress=False)
+
+
 def test_evaluation_on_a_handful_of_pairs(tiny_run, tmp_path):
     config, _ = tiny_run
     cache = build_cache(config.data[0], config.cache_dir, limit_identities=60)
