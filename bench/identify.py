@@ -53,7 +53,7 @@ from tqdm import tqdm  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import templates as tpl  # noqa: E402
-from matcher import GalleryIndex  # noqa: E402
+from matcher import GalleryIndex, set_search_threads  # noqa: E402
 from matcher import factory as fx  # noqa: E402
 
 faiss.omp_set_num_threads(THREADS)
@@ -525,15 +525,18 @@ def run_size(n: int, real, labels, desc, model, args, workdir: Path) -> dict:
         info = pf.build(g)
         res = measure(pf, g, gt_rows, args, info)
         sub = [pf.subject_search(q, K) for q in g.probes]
-        res["subject_recall_at_10"] = float(
-            np.mean([len(set(a) & set(b)) / K for a, b in zip(sub, subj_gt, strict=True)])
-        )
         times = []
         for q in g.probes[: args.queries]:
             t = time.perf_counter()
             pf.subject_search(q, K)
             times.append(time.perf_counter() - t)
+        res["search_threads"] = args.search_threads
+        res["subject_recall_at_10"] = float(
+            np.mean([len(set(a) & set(b)) / K for a, b in zip(sub, subj_gt, strict=True)])
+        )
         res["subject_p50_ms"] = float(np.percentile(times, 50) * 1e3)
+        if isinstance(fx.inner(pf.index._cpu), faiss.IndexHNSW) and args.ef_ladder:
+            res["ef_ladder"] = ef_ladder(pf, g, gt_rows, args)
         res.update(pf.restart(g))
         out["privface"] = res
         report_line("privface", res)
@@ -601,6 +604,22 @@ def sweep(g, gt_rows, args, workdir: Path) -> list[dict]:
             )
         pf.close()
         gc.collect()
+    return rows
+
+
+def ef_ladder(pf, g, gt_rows, args) -> list[dict]:
+    """Recall and latency of the built HNSW at other efSearch values (no rebuild): the
+    trade-off behind the calibrated value."""
+    chosen = pf.index.ef_search
+    rows = []
+    for ef in args.ef_ladder:
+        pf.index.set_search_params(ef_search=ef)
+        row = {"ef_search": ef, **quality(pf.search_many(g.probes, K), g, gt_rows)}
+        row.update(latency(pf, g.probes, min(args.queries, 500)))
+        rows.append(row)
+        log(f"  ef_search {ef}: recall@10 {row['recall_at_10']:.4f}, agreement "
+            f"{row['rank1_agreement']:.4f}, p50 {row['p50_ms']:.3f} ms")
+    pf.index.set_search_params(ef_search=chosen)
     return rows
 
 
@@ -758,7 +777,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000])
     ap.add_argument("--json", type=Path, default=Path("bench/results/identify.json"))
     ap.add_argument("--plot", type=Path, nargs="?", const=Path("bench/results/identify.png"))
-    ap.add_argument("--merge", action="store_true", help="keep other sizes already in --json")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the sizes, and the systems not run now, already in --json")
     ap.add_argument("--source", default="auto", choices=["auto", "teacher", "model"])
     ap.add_argument("--model", type=Path, default=tpl.MODEL, help="model for --source model")
     ap.add_argument(
@@ -773,6 +793,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--duration", type=float, default=3.0, help="seconds per throughput run")
     ap.add_argument("--threads", type=int, default=THREADS)
+    ap.add_argument("--ef-ladder", type=int, nargs="*", default=[64, 128, 256, 384, 512, 768],
+                    help="also measure the built HNSW at these efSearch values")
+    ap.add_argument("--search-threads", type=int, default=1,
+                    help="FAISS threads per single query, in every client thread "
+                    "(matcher.set_search_threads, as the service's index_threads; builds and "
+                    "batch searches use --threads)")
     ap.add_argument("--pg-m", type=int, default=16)
     ap.add_argument("--pg-ef-construction", type=int, default=64)
     ap.add_argument("--pg-ef", type=int, nargs="+", default=[40, 100, 200, 400, 1000])
@@ -797,6 +823,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    set_search_threads(args.search_threads)
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="privface-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -841,8 +868,14 @@ def main() -> None:
     try:
         for n in args.sizes:
             t = time.perf_counter()
-            result["runs"][str(n)] = run_size(n, real, labels, desc, model, args, workdir)
-            result["runs"][str(n)]["wall_s"] = time.perf_counter() - t
+            fresh = run_size(n, real, labels, desc, model, args, workdir)
+            fresh["wall_s"] = time.perf_counter() - t
+            if args.merge:  # systems not run this time keep their earlier figures
+                earlier = result["runs"].get(str(n), {})
+                for name in (*SYSTEMS, "privface_sweep"):
+                    if name not in fresh and name in earlier:
+                        fresh[name] = earlier[name]
+            result["runs"][str(n)] = fresh
             summarize(result)
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=2))

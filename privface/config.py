@@ -51,6 +51,10 @@ class Settings:
     workers: int = 8
     #: torch intra-op threads for embedding on the server; 0 = min(4, CPU count)
     torch_threads: int = 0
+    #: FAISS (OpenMP) threads per single search; 1 is fastest under concurrent load
+    #: (parallelism comes from the gRPC workers); 0 = OpenMP's default (all cores). Index
+    #: builds and batch searches always use all cores
+    index_threads: int = 1
     #: seconds between catch-ups of the in-memory indexes with PostgreSQL (changes made by
     #: other replicas or tools); 0 turns the background catch-up off
     sync_interval: float = 2.0

@@ -27,6 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from matcher import set_search_threads
 from privface import servicer
 from privface.auth import AuthInterceptor, TokenStore
 from privface.config import Settings
@@ -166,6 +167,7 @@ def build_server(settings: Settings, *, warm_up: bool = True) -> RunningServer:
     # The model first: a missing model or threshold fails before any database starts.
     embedder = Embedder(settings.model_path or None, threads=settings.torch_threads,
                         threshold=settings.threshold)
+    set_search_threads(settings.index_threads)
     url, embedded = database_url(settings)
     try:
         migrate.upgrade(url)

@@ -431,7 +431,8 @@ def test_calibrate_picks_the_smallest_setting_reaching_the_target(kind, param):
     res = idx.calibrate(0.98, k=10, n_probes=100)
     assert res["param"] == param and res["recall"] >= 0.98
     cap = 32 if param == "nprobe" else 2048  # the ladder ends at nlist / 2048
-    assert getattr(idx, param) == res["value"] >= min(2 * res["measured_at"], cap)
+    assert getattr(idx, param) == res["value"] >= min(1.34 * res["measured_at"], cap)
+    assert res["value"] > res["measured_at"] or res["value"] == cap
     values = list(res["curve"])
     assert values == sorted(values) and all(r < 0.98 for r in list(res["curve"].values())[:-1])
     # Real probes instead of the gallery's own templates; their recall is measured the same way.

@@ -302,3 +302,33 @@ def test_ivf_hook_trains_removes_and_rejects_idmap():
         assert all(h.sample_id % 2 == 1 for h in hits)
     with pytest.raises(ValueError, match="IDMap over IVF"):
         GalleryIndex(D, "IDMap2,IVF8,Flat")
+
+
+def test_small_searches_use_the_search_thread_setting_in_their_own_thread(monkeypatch):
+    import threading
+
+    import faiss
+
+    from matcher import index as mi
+    from matcher import set_search_threads
+
+    seen = []
+    real = faiss.omp_set_num_threads
+    monkeypatch.setattr(mi.faiss, "omp_set_num_threads", lambda n: (seen.append(n), real(n)))
+    x = np.eye(8, dtype=np.float32)
+    idx = GalleryIndex(8, "IDMap2,Flat")
+    idx.add(x, np.arange(8), np.arange(8))
+    before = faiss.omp_get_max_threads()
+    try:
+        assert set_search_threads(1) == 1
+        worker = threading.Thread(target=lambda: idx.search(x[0], 1))
+        worker.start()
+        worker.join()
+        if before != 1:  # set for the search, then restored, in the worker thread
+            assert seen == [1, before]
+        seen.clear()
+        idx.search_batch(np.repeat(x, 3, axis=0), 1)  # a batch keeps the default
+        assert seen == []
+        assert faiss.omp_get_max_threads() == before
+    finally:
+        set_search_threads(0)
