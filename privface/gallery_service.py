@@ -187,6 +187,22 @@ def request_digest(
     return h.hexdigest()
 
 
+def _calibrate(gallery: str, index: GalleryIndex) -> None:
+    """Tune efSearch / nprobe on the gallery's own templates (recall is a property of the
+    data: at 1M the size plan's efSearch 256 gave recall@10 0.989, the calibrated 512
+    0.997). Searches go on meanwhile; a snapshot keeps the value across restarts."""
+    t0 = time.monotonic()
+    try:
+        res = index.calibrate()
+    except Exception:  # noqa: BLE001 - the index keeps serving with its planned setting
+        log.exception("gallery %s: index calibration failed", gallery)
+        return
+    if res.get("param"):
+        log.info("gallery %s: %s = %s (recall@10 %.4f at %s on its own templates), %.1f s",
+                 gallery, res["param"], res["value"], res["recall"] or float("nan"),
+                 res.get("measured_at"), time.monotonic() - t0)
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
@@ -345,6 +361,10 @@ class GalleryEngine:
         state.cursor = cursor
         state.built = True
         self._catch_up(state)
+        for index in indexes.values():
+            if index.approximate:
+                threading.Thread(target=_calibrate, args=(state.name, index),
+                                 name=f"privface-calibrate-{state.name}", daemon=True).start()
         unsearchable = sum(
             n for (m, _, _, k), n in versions.items()
             if m != mv or self._key(state.name, k) is None
@@ -491,6 +511,7 @@ class GalleryEngine:
                     index.rebuild()
                     log.info("gallery %s: index %s -> %s for %d templates in %.1f s", gallery,
                              was, index.factory, len(index), time.monotonic() - t0)
+                    _calibrate(gallery, index)
                 else:
                     purged = index.compact()
                     log.info("gallery %s: compacted, %d removed templates purged", gallery,

@@ -431,7 +431,7 @@ def test_calibrate_picks_the_smallest_setting_reaching_the_target(kind, param):
     res = idx.calibrate(0.98, k=10, n_probes=100)
     assert res["param"] == param and res["recall"] >= 0.98
     cap = 32 if param == "nprobe" else 2048  # the ladder ends at nlist / 2048
-    assert getattr(idx, param) == res["value"] >= min(1.34 * res["measured_at"], cap)
+    assert getattr(idx, param) == res["value"] >= min(4 / 3 * res["measured_at"], cap)
     assert res["value"] > res["measured_at"] or res["value"] == cap
     values = list(res["curve"])
     assert values == sorted(values) and all(r < 0.98 for r in list(res["curve"].values())[:-1])
@@ -444,6 +444,7 @@ def test_calibrate_picks_the_smallest_setting_reaching_the_target(kind, param):
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth, strict=True)])
     assert recall == pytest.approx(res2["recall"])
     assert GalleryIndex(D, FLAT).calibrate() == {"param": None, "recall": 1.0}
+    assert idx.approximate and not GalleryIndex(D, FLAT).approximate
 
 
 def test_outgrown_tells_when_the_plan_wants_another_type(monkeypatch, data, tmp_path):

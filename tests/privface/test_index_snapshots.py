@@ -136,3 +136,18 @@ def test_restart_loads_snapshot_and_replays_changes_made_meanwhile(servers, att_
         assert _answers(c, g, probes) == want
         c.delete_gallery(g)
     assert not files[0].exists()
+
+
+def test_service_calibrates_approximate_indexes(caplog):
+    from privface.gallery_service import _calibrate
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    idx = GalleryIndex(16, "IDMap2,HNSW32,Flat", ef_search=16)
+    idx.add(x, np.arange(3000), np.arange(3000) // 3)
+    assert idx.approximate
+    caplog.set_level(logging.INFO, logger="privface.gallery")
+    _calibrate("g", idx)
+    assert idx.ef_search > 16
+    assert any("ef_search" in r.getMessage() for r in caplog.records)
