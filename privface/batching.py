@@ -59,9 +59,11 @@ def groups(items: Iterable[T], max_items: int, prefetch: int | None = None) -> I
             if group:
                 yield group
     finally:
+        # Free a reader blocked on a full buffer; it stops at its next item. One blocked on
+        # the stream itself (a client that neither sends nor closes) is not waited for.
         stop.set()
-        while reader.is_alive():  # unblock a reader waiting on a full buffer
+        while True:
             try:
                 buffer.get_nowait()
             except queue.Empty:
-                reader.join(0.05)
+                break

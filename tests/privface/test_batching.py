@@ -67,3 +67,19 @@ def test_consumer_stopping_early_releases_the_reader():
     it = groups(iter(range(10_000)), 4, prefetch=4)
     assert next(it)[0] == 0
     it.close()  # must not hang on a full buffer
+
+
+def test_consumer_failing_does_not_wait_for_a_silent_client():
+    never = threading.Event()
+
+    def silent():
+        yield 1
+        never.wait(30)  # a client that neither sends nor closes
+        yield 2
+
+    it = groups(silent(), 4)
+    assert next(it) == [1]
+    t0 = time.monotonic()
+    it.close()
+    assert time.monotonic() - t0 < 1
+    never.set()
