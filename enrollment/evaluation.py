@@ -215,6 +215,13 @@ def lfw_cache(data_dir: str | os.PathLike, cache_dir: str | os.PathLike) -> Face
     return build_cache(Path(data_dir) / "lfw-deepfunneled", cache_dir)
 
 
+def fixed_rank_of(path: str | os.PathLike) -> tuple[int, int] | None:
+    """The rank a fixed-rank ("vanilla") model was trained on, from its training meta."""
+    _, info = load_model(path)
+    rank = (info.get("meta") or {}).get("train", {}).get("fixed_rank")
+    return tuple(int(v) for v in rank) if rank else None
+
+
 def variants(
     models: dict[str, str], cache: FaceCache, seed: int, flip: bool, greyscale: bool = False
 ) -> dict[str, Embedder]:
@@ -229,6 +236,11 @@ def variants(
         out["rgb"] = model_embedder(models["rgb"], cache, seed, **kw)
     if "vanilla" in models:
         out["vanilla"] = model_embedder(models["vanilla"], cache, seed, **kw)
+        trained = fixed_rank_of(models["vanilla"])
+        if trained is not None:  # the one rank it was trained on, for contrast
+            out["vanilla_trained_rank"] = model_embedder(
+                models["vanilla"], cache, seed, rank=trained, **kw
+            )
     out["teacher"] = teacher_embedder(cache)
     return out
 

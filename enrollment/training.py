@@ -63,6 +63,7 @@ class TrainConfig:
     threads: int | None = None
     workers: int = 2
     init: str | None = None  # model file to start from (warm restart), not a checkpoint
+    precision: str = "auto"  # "fp32", "bf16" or "auto" (bf16 where the CPU has AMX tiles)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -216,6 +217,17 @@ def validate(model: Backbone, data: FaceCache, config: TrainConfig, pairs, same)
     return float(np.mean((scores >= best_threshold(scores, same)) == same))
 
 
+def resolve_precision(precision: str) -> str:
+    """bf16 autocast only where the CPU multiplies bf16 in hardware (AMX): measured on a
+    Sapphire Rapids core pair, the shipped 32-256 network trains 1.8x faster (61 -> 108
+    img/s); without AMX bf16 is emulated and slower than fp32."""
+    if precision == "auto":
+        return "bf16" if torch.cpu._is_amx_tile_supported() else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32, bf16 or auto, not {precision!r}")
+    return precision
+
+
 def lr_at(step: int, total: int, config: TrainConfig) -> float:
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
@@ -227,6 +239,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     """Train (or resume) into ``out_dir``; returns the final summary."""
     if config.threads:
         torch.set_num_threads(config.threads)
+    precision = resolve_precision(config.precision)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -301,6 +314,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         "arcface_classes": len(classes),
         "val_images": int(val_mask.sum()),
         "val_pairs": int(len(val_pairs)),
+        "precision": precision,
     }
     for epoch in range(start_epoch, config.epochs):
         rng = np.random.default_rng([config.seed, epoch])
@@ -326,7 +340,11 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             )
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, config)
-            emb = model(x)  # NCHW in: standardised there, channels-last from the stem on
+            # NCHW in: standardised there (in fp32), channels-last from the stem on; weights,
+            # optimiser and losses stay fp32, convolutions run in bf16 under autocast.
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                emb = model(x)
+            emb = emb.float()
             distill = (1 - nn.functional.cosine_similarity(emb, targets[idx])).mean()
             loss = config.distill_weight * distill
             arc = torch.zeros(())

@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ship", help="copy the final model here (e.g. the shipped weights)")
     p.add_argument("--init", help="start from this model file's weights (a warm restart: a new "
                    "LR schedule over --epochs; architecture and kind must match)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="bf16 autocast (auto: where the CPU has AMX; 1.8x faster there)")
     p.add_argument("--config")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func="privface.model_commands:cmd_train")

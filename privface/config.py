@@ -7,10 +7,18 @@ overridden by ``PRIVFACE_<FIELD>`` (upper case), and ``DATABASE_URL`` sets ``dat
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+#: values of ``Settings.index_backend``
+INDEX_BACKENDS = ("faiss", "milvus")
+#: what a Milvus collection name may start with (letters, digits, underscores; the derived
+#: names add the gallery, its id and the template key version, see gallery_service)
+_MILVUS_PREFIX_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 def _default_home() -> str:
@@ -63,6 +71,25 @@ class Settings:
     index_snapshots: bool = True
     #: seconds between snapshots of galleries that changed (one is also written at shutdown)
     snapshot_interval: float = 300.0
+    #: where the search indexes live: "faiss" (in-process, per gallery, the default) or
+    #: "milvus" (collections in a Milvus server or cluster, see docs/scaling.md)
+    index_backend: str = "faiss"
+    #: Milvus: http://HOST:19530 (server or cluster), or a path ending in .db for milvus-lite
+    #: in this process
+    milvus_uri: str = ""
+    #: Milvus: "user:password" or an API key; empty for a server without authentication
+    milvus_token: str = ""
+    #: Milvus: start of every collection name this service creates (one collection per
+    #: gallery and template key version); letters, digits and underscores
+    milvus_collection_prefix: str = "privface"
+    #: Milvus: index type of the vector field (HNSW, IVF_FLAT, FLAT, GPU_CAGRA, ...)
+    milvus_index_type: str = "HNSW"
+    #: Milvus: build parameters of that index (TOML table / JSON object); empty = M 32,
+    #: efConstruction 128 for HNSW, Milvus' defaults otherwise
+    milvus_index_params: dict = field(default_factory=dict)
+    #: Milvus: search parameters (e.g. {"ef": 128} for HNSW, {"nprobe": 64} for IVF);
+    #: empty = ef 128 for HNSW, Milvus' defaults otherwise
+    milvus_search_params: dict = field(default_factory=dict)
     #: client side: the server to call (HOST:PORT); empty = the listen address
     server: str = ""
     #: client side: the bearer token sent with every call
@@ -77,10 +104,64 @@ class Settings:
 
 
 def _coerce(kind: type | str, text: str):
-    kind = {"int": int, "float": float, "bool": bool, "str": str}.get(kind, kind)
+    kind = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict}.get(kind, kind)
     if kind is bool:
         return text.strip().lower() in ("1", "true", "yes", "on")
+    if kind is dict:  # a JSON object in the environment
+        value = json.loads(text) if text.strip() else {}
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a JSON object, got {text!r}")
+        return value
     return kind(text)
+
+
+def check_index_backend(settings: Settings) -> None:
+    """Refuse an unusable index backend configuration (at start-up), saying how to fix it."""
+    backend = settings.index_backend
+    if backend not in INDEX_BACKENDS:
+        raise ValueError(
+            f"index_backend {backend!r} is unknown: set index_backend (PRIVFACE_INDEX_BACKEND) "
+            "to 'faiss' (in-process indexes, the default) or 'milvus' (with milvus_uri)"
+        )
+    if backend != "milvus":
+        return
+    uri = settings.milvus_uri.strip()
+    if not uri:
+        raise ValueError(
+            "index_backend 'milvus' needs milvus_uri (PRIVFACE_MILVUS_URI): "
+            "http://HOST:19530 for a Milvus server or cluster, or a path ending in .db for "
+            "milvus-lite in this process"
+        )
+    if not uri.endswith(".db") and not re.match(r"(https?|tcp)://|unix:", uri):
+        raise ValueError(
+            f"milvus_uri {uri!r} is neither a Milvus address (http://HOST:19530, https://..., "
+            "unix:...) nor a milvus-lite file (a path ending in .db)"
+        )
+    if not _MILVUS_PREFIX_RE.fullmatch(settings.milvus_collection_prefix):
+        raise ValueError(
+            f"milvus_collection_prefix {settings.milvus_collection_prefix!r} is not a valid "
+            "start of a Milvus collection name: use 1-64 letters, digits or underscores, "
+            "starting with a letter or underscore (default 'privface')"
+        )
+    if not settings.milvus_index_type.strip():
+        raise ValueError("milvus_index_type is empty: use e.g. HNSW (the default), IVF_FLAT "
+                         "or FLAT")
+    for name in ("milvus_index_params", "milvus_search_params"):
+        if not isinstance(getattr(settings, name), dict):
+            raise ValueError(
+                f"{name} must be a table (TOML) or a JSON object (PRIVFACE_{name.upper()}), "
+                f"e.g. {{\"ef\": 128}}; got {getattr(settings, name)!r}"
+            )
+    try:
+        import pymilvus  # noqa: F401
+
+        if uri.endswith(".db"):
+            import milvus_lite  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(
+            f"index_backend 'milvus' needs the Milvus client ({exc.name} is not installed): "
+            "pip install -e '.[milvus]' (pymilvus, and milvus-lite for a .db milvus_uri)"
+        ) from None
 
 
 def load_settings(path: str | os.PathLike | None = None, env: dict | None = None) -> Settings:

@@ -27,6 +27,14 @@ identity mapping renewable online; normally a gallery has exactly one version.
 
 **Threads.** Searches run in parallel (each index has a readers/writer lock); catching up a
 gallery is serialised per gallery; model calls are serialised by the embedder.
+
+**Milvus backend** (``MilvusOptions``): the indexes are Milvus collections
+(:class:`matcher.milvus_backend.MilvusGalleryIndex`), one per gallery incarnation, model
+version and template key version (:func:`milvus_collection_name`). Milvus keeps them across
+restarts, so a start reuses them and catches up from the change-feed cursor each stores
+(saved every ``snapshot_interval`` and at shutdown) instead of re-adding every template; an
+unusable cursor (never saved, stale) drops and refills them from PostgreSQL. The encrypted
+FAISS snapshots are not used.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -48,6 +57,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from enrollment.identity_mapping import protect, protected_dim
 from matcher import GalleryIndex
+from matcher.milvus_backend import STATE_SUFFIX, MilvusGalleryIndex
 from privface.auth import AuthError, Principal
 from privface.embedding import MAX_VIEWS, Embedder
 from privface.errors import ServiceError
@@ -81,6 +91,57 @@ DEFAULT_PAGE_SIZE = 100
 TOMBSTONE_GRACE = 60.0
 #: Compact an index (HNSW/GPU keep removed vectors) above this fraction of garbage.
 COMPACT_AT = 0.2
+#: Milvus collection names: letters, digits, underscores, at most 255 characters.
+_MILVUS_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
+_MILVUS_NAME_HASH = 10  # hex digits of the exact gallery name in its collection names
+
+
+@dataclass(frozen=True)
+class MilvusOptions:
+    """Where and how the Milvus backend keeps the galleries (``Settings.milvus_*``)."""
+
+    uri: str
+    token: str = ""
+    prefix: str = "privface"
+    index_type: str = "HNSW"
+    index_params: Mapping[str, Any] | None = None
+    search_params: Mapping[str, Any] | None = None
+
+    def index_spec(self) -> dict[str, Any]:
+        params = dict(self.index_params or {})
+        if not params and self.index_type.upper() == "HNSW":
+            params = {"M": 32, "efConstruction": 128}
+        return {"index_type": self.index_type, "params": params}
+
+    def search_spec(self) -> dict[str, Any]:
+        params = dict(self.search_params or {})
+        if not params and self.index_type.upper() == "HNSW":
+            params = {"ef": 128}
+        return params
+
+
+def _milvus_safe(text: str, limit: int) -> str:
+    return _MILVUS_UNSAFE.sub("_", text)[:limit]
+
+
+def milvus_gallery_stem(prefix: str, gallery: str) -> str:
+    """``<prefix>_<hash of the exact name>_``: the start of every collection of ``gallery``
+    (the hash keeps names apart that sanitise alike, e.g. ``a.b`` and ``a-b``)."""
+    digest = hashlib.sha256(gallery.encode()).hexdigest()[:_MILVUS_NAME_HASH]
+    return f"{prefix}_{digest}_"
+
+
+def milvus_collection_name(
+    prefix: str, gallery: str, gallery_id: int, model_version: str, key_id: str
+) -> str:
+    """The collection of one gallery incarnation (database id), model version and template
+    key version, e.g. ``privface_1f0c..._doors_g7_tmap_1_5be0...``: deterministic, only
+    letters, digits and underscores, at most 255 characters with the ``__state``
+    companion. A re-created gallery (new id) or another model never meets an old collection.
+    """
+    tag = hashlib.sha256(f"{model_version}\0{key_id}".encode()).hexdigest()[:10]
+    return (f"{milvus_gallery_stem(prefix, gallery)}{_milvus_safe(gallery, 64)}"
+            f"_g{int(gallery_id)}_{_milvus_safe(key_id, 32)}_{tag}")
 
 
 @dataclass(frozen=True)
@@ -140,7 +201,7 @@ class _GalleryState:
     gallery_id: int = 0
     cursor: int = 0
     built: bool = False
-    indexes: dict[str, GalleryIndex] = field(default_factory=dict)
+    indexes: dict[str, GalleryIndex | MilvusGalleryIndex] = field(default_factory=dict)
     saved_cursor: int | None = None  # change-feed cursor of the last snapshot written/read
     # sample id -> monotonic time of the deletion's commit (see module docstring)
     deleted: dict[int, float] = field(default_factory=dict)
@@ -220,9 +281,12 @@ class GalleryEngine:
         force_cpu_index: bool = False,
         max_message_bytes: int = 0,
         snapshot_dir: str | os.PathLike | None = None,
+        milvus: MilvusOptions | None = None,
     ) -> None:
         self._sessions = sessions
-        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
+        self.milvus = milvus
+        # Milvus keeps the indexes itself: no FAISS snapshots with it.
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir and milvus is None else None
         self.keys = keys
         self.embedder = embedder
         self.card = embedder.card
@@ -235,6 +299,14 @@ class GalleryEngine:
         self._snapshotter: threading.Thread | None = None
         self._maintaining: set[int] = set()
         self.template_dim = protected_dim(self.card.embedding_dim, self._any_key())
+        self._milvus_client: Any = None
+        if milvus is not None:
+            from pymilvus import MilvusClient
+
+            if milvus.uri.endswith(".db"):
+                Path(milvus.uri).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            self._milvus_client = MilvusClient(uri=milvus.uri, token=milvus.token)
+            self._milvus_client.list_collections()  # unreachable: fail at start, not later
 
     # ------------------------------------------------------------------ plumbing
 
@@ -327,19 +399,133 @@ class GalleryEngine:
                         raise
         return state
 
-    def _new_index(self, expected: int) -> GalleryIndex:
-        return GalleryIndex(
-            self.template_dim, expected_size=expected, force_cpu=self._force_cpu
+    def _new_index(
+        self, expected: int, gallery: str = "", gallery_id: int = 0, key_id: str = ""
+    ) -> GalleryIndex | MilvusGalleryIndex:
+        """An empty index; with Milvus a new collection (an old one of that name dropped)."""
+        if self.milvus is None:
+            return GalleryIndex(
+                self.template_dim, expected_size=expected, force_cpu=self._force_cpu
+            )
+        index = self._open_collection(gallery, gallery_id, key_id)
+        if index.seq != -1 or len(index):
+            index.drop()
+            index = self._open_collection(gallery, gallery_id, key_id)
+        return index
+
+    # ------------------------------------------------------------------ Milvus collections
+
+    def _collection_name(self, gallery: str, gallery_id: int, key_id: str) -> str:
+        return milvus_collection_name(self.milvus.prefix, gallery, gallery_id,
+                                      self.card.model_version, key_id)
+
+    def _open_collection(self, gallery: str, gallery_id: int, key_id: str) -> MilvusGalleryIndex:
+        """The collection of (gallery incarnation, model, key version), created if new."""
+        return MilvusGalleryIndex(
+            self.template_dim, self._collection_name(gallery, gallery_id, key_id),
+            uri=self.milvus.uri, client=self._milvus_client,
+            index=self.milvus.index_spec(), search_params=self.milvus.search_spec(),
         )
+
+    def _ring_key_ids(self, gallery: str) -> list[str]:
+        """Template key versions this server can search with (their secret is in the ring)."""
+        return [k for k in template_key_ids(self.keys.get()) if self._key(gallery, k) is not None]
+
+    def _drop_collections(self, names: Iterable[str], why: str) -> int:
+        client, n = self._milvus_client, 0
+        for name in names:
+            if client.has_collection(name):
+                client.drop_collection(name)
+                n += 1
+                log.info("Milvus collection %s dropped (%s)", name, why)
+        return n
+
+    def _drop_other_incarnations(self, gallery: str, gallery_id: int) -> None:
+        """Collections of an earlier gallery of the same name (deleted, maybe re-created)."""
+        stem = milvus_gallery_stem(self.milvus.prefix, gallery)
+        mine = f"{stem}{_milvus_safe(gallery, 64)}_g{int(gallery_id)}_"
+        self._drop_collections(
+            [c for c in self._milvus_client.list_collections()
+             if c.startswith(stem) and not c.startswith(mine)],
+            f"gallery {gallery} was deleted (and re-created) since",
+        )
+
+    def _drop_orphan_collections(self, listed: Sequence[str], live: Iterable[str]) -> None:
+        """Drop the collections in ``listed`` of galleries not in ``live`` (deleted while
+        this server was down). ``live`` must be read from PostgreSQL *after* ``listed``:
+        a collection is only ever made for a gallery that exists."""
+        pattern = re.compile(rf"{re.escape(self.milvus.prefix)}_[0-9a-f]{{{_MILVUS_NAME_HASH}}}_")
+        stems = {milvus_gallery_stem(self.milvus.prefix, g) for g in live}
+        self._drop_collections(
+            [c for c in listed if (m := pattern.match(c)) and m.group(0) not in stems],
+            "its gallery no longer exists",
+        )
+
+    def _resume_collections(self, state: _GalleryState) -> bool:
+        """Reuse the gallery's Milvus collections, caught up from the change-feed cursor they
+        store; False when there is nothing usable (lock held; the caller rebuilds)."""
+        t0 = time.monotonic()
+        with self._sessions() as s:
+            info = repo.get_gallery(s, state.name)
+            versions = repo.template_versions(s, state.name)
+        self._drop_other_incarnations(state.name, info.id)
+        names = {k: self._collection_name(state.name, info.id, k)
+                 for k in self._ring_key_ids(state.name)}
+        existing = [k for k, name in names.items() if self._milvus_client.has_collection(name)]
+        if not existing:
+            return False
+        needed = {k for (m, _, _, k), n in versions.items()
+                  if n and m == self.card.model_version and k in names}
+        missing = sorted(needed - set(existing))
+        if missing:
+            log.warning("gallery %s: no Milvus collection for template key %s; rebuilding "
+                        "them from PostgreSQL", state.name, ", ".join(missing))
+            return False
+        indexes = {k: self._open_collection(state.name, info.id, k) for k in existing}
+        cursor = min(index.seq for index in indexes.values())
+        if cursor <= 0:  # never saved (or "empty"), so not known to hold every removal
+            log.warning("gallery %s: Milvus collections have no saved change cursor; "
+                        "rebuilding them from PostgreSQL", state.name)
+            return False
+        state.indexes = indexes
+        state.gallery_id = info.id
+        state.cursor = state.saved_cursor = cursor
+        state.built = True
+        self._catch_up(state)  # a stale cursor rebuilds (drop + refill) in there
+        if state.indexes is indexes:
+            log.info("gallery %s: Milvus collections reused at change %d (%d templates), "
+                     "caught up to %d in %.2f s", state.name, cursor,
+                     sum(len(i) for i in indexes.values()), state.cursor,
+                     time.monotonic() - t0)
+        return True
+
+    def _save_collections(self, state: _GalleryState) -> None:
+        """Record the gallery's cursor in its collections (lock held): every change up to
+        it is applied to every index of the gallery, so a restart resumes from there."""
+        for index in state.indexes.values():
+            index.seq = max(index.seq, state.cursor)
+            index.save()
+        state.saved_cursor = state.cursor
 
     def _build(self, state: _GalleryState, from_snapshot: bool = True) -> None:
         """Load a gallery's searchable templates (lock held): from its encrypted snapshot
-        plus the changes since, or else from PostgreSQL."""
-        if from_snapshot and self._load_snapshot(state):
+        plus the changes since, or else from PostgreSQL. With Milvus: its collections caught
+        up from their stored cursor, or else dropped and refilled from PostgreSQL."""
+        if self.milvus is not None:
+            if from_snapshot and self._resume_collections(state):
+                return
+            with self._sessions() as s:
+                gallery_id = repo.get_gallery(s, state.name).id
+            self._drop_other_incarnations(state.name, gallery_id)
+            names = [self._collection_name(state.name, gallery_id, k)
+                     for k in self._ring_key_ids(state.name)]
+            self._drop_collections([n + suffix for n in names for suffix in ("", STATE_SUFFIX)],
+                                   f"gallery {state.name} is rebuilt from PostgreSQL")
+        elif from_snapshot and self._load_snapshot(state):
             return
         t0 = time.monotonic()
         mv = self.card.model_version
-        indexes: dict[str, GalleryIndex] = {}
+        indexes: dict[str, GalleryIndex | MilvusGalleryIndex] = {}
         with self._sessions() as s:
             info = repo.get_gallery(s, state.name)
             cursor = repo.change_watermark(s, state.name)  # read before the scan (storage)
@@ -353,7 +539,8 @@ class GalleryEngine:
                     if self._key(state.name, key_id) is None:
                         continue
                     if key_id not in indexes:
-                        indexes[key_id] = self._new_index(info.sample_count)
+                        indexes[key_id] = self._new_index(info.sample_count, state.name,
+                                                          info.id, key_id)
                     self._add(indexes[key_id], records, cursor)
             versions = repo.template_versions(s, state.name)
         state.indexes = indexes
@@ -361,8 +548,10 @@ class GalleryEngine:
         state.cursor = cursor
         state.built = True
         self._catch_up(state)
+        if self.milvus is not None:
+            self._save_collections(state)  # the next start resumes instead of refilling
         for index in indexes.values():
-            if index.approximate:
+            if getattr(index, "approximate", False):  # Milvus tunes its own indexes
                 threading.Thread(target=_calibrate, args=(state.name, index),
                                  name=f"privface-calibrate-{state.name}", daemon=True).start()
         unsearchable = sum(
@@ -426,6 +615,8 @@ class GalleryEngine:
         """Write an encrypted snapshot of every loaded gallery that changed since its last
         one; returns how many were written. Searches go on meanwhile; the gallery's
         catch-up waits only while its indexes are serialised in memory."""
+        if self.milvus is not None:
+            return self._save_all_collections()
         if self.snapshot_dir is None:
             return 0
         with self._lock:
@@ -445,8 +636,23 @@ class GalleryEngine:
             written += 1
         return written
 
+    def _save_all_collections(self) -> int:
+        """Milvus: store the cursor of every loaded gallery that changed since it was last
+        stored (what :meth:`save_snapshots` is for FAISS); returns how many."""
+        with self._lock:
+            states = list(self._states.values())
+        written = 0
+        for state in states:
+            with state.lock:
+                if state.built and state.cursor != state.saved_cursor:
+                    self._save_collections(state)
+                    written += 1
+        return written
+
     @staticmethod
-    def _add(index: GalleryIndex, records: Sequence[TemplateRecord], seq: int) -> None:
+    def _add(
+        index: GalleryIndex | MilvusGalleryIndex, records: Sequence[TemplateRecord], seq: int
+    ) -> None:
         if not records:
             return
         x = np.stack([r.template for r in records])
@@ -482,7 +688,8 @@ class GalleryEngine:
                     continue
                 index = state.indexes.get(key_id)
                 if index is None:
-                    index = state.indexes[key_id] = self._new_index(len(records))
+                    index = state.indexes[key_id] = self._new_index(
+                        len(records), state.name, state.gallery_id, key_id)
                 self._add(index, records, cs.cursor)
             state.cursor = cs.cursor
             if not cs.has_more:
@@ -491,7 +698,7 @@ class GalleryEngine:
             self._maintain(state.name, index)
         state.prune(started - TOMBSTONE_GRACE)
 
-    def _maintain(self, gallery: str, index: GalleryIndex) -> None:
+    def _maintain(self, gallery: str, index: GalleryIndex | MilvusGalleryIndex) -> None:
         """Compact an index full of removed templates, or move it to the index type its size
         now calls for (``outgrown``, e.g. Flat -> HNSW), in the background: both keep
         searches and writes going, so neither may run under the gallery's lock."""
@@ -553,8 +760,14 @@ class GalleryEngine:
 
     def warm_up(self) -> int:
         """Load every gallery (at start, so the first search needs no build)."""
+        listed = self._milvus_client.list_collections() if self.milvus is not None else []
         with self._sessions() as s:
             names = [g.name for g in repo.list_galleries(s)]
+        if self.milvus is not None:
+            try:
+                self._drop_orphan_collections(listed, names)
+            except Exception:  # noqa: BLE001 - leftovers cost space, not correctness
+                log.exception("dropping Milvus collections of deleted galleries failed")
         for name in names:
             try:
                 self._state(name)
@@ -575,8 +788,11 @@ class GalleryEngine:
         self._syncer.start()
 
     def start_background_snapshots(self, interval: float) -> None:
-        """Snapshot changed galleries every ``interval`` seconds (and at :meth:`close`)."""
-        if interval <= 0 or self.snapshot_dir is None or self._snapshotter is not None:
+        """Snapshot changed galleries every ``interval`` seconds (and at :meth:`close`);
+        with Milvus, store their change cursors in their collections."""
+        if interval <= 0 or self._snapshotter is not None:
+            return
+        if self.snapshot_dir is None and self.milvus is None:
             return
 
         def loop() -> None:
@@ -597,9 +813,12 @@ class GalleryEngine:
         try:
             n = self.save_snapshots()
             if n:
-                log.info("%d index snapshots written for a fast restart", n)
+                log.info("%d %s for a fast restart", n, "index snapshots written"
+                         if self.milvus is None else "Milvus change cursors stored")
         except Exception:  # noqa: BLE001 - shutting down: the next start rebuilds from SQL
             log.exception("writing index snapshots at shutdown failed")
+        if self._milvus_client is not None:
+            self._milvus_client.close()
 
     # ------------------------------------------------------------------ embedding
 
@@ -677,6 +896,15 @@ class GalleryEngine:
             self._forget(name)
             if self.snapshot_dir is not None:
                 remove_snapshot(self.snapshot_dir, name)
+            if self.milvus is not None:
+                stem = milvus_gallery_stem(self.milvus.prefix, name)
+                try:
+                    self._drop_collections(
+                        [c for c in self._milvus_client.list_collections() if c.startswith(stem)],
+                        f"gallery {name} deleted",
+                    )
+                except Exception:  # noqa: BLE001 - deleted in PostgreSQL; the next start sweeps
+                    log.exception("dropping the Milvus collections of gallery %s failed", name)
             return info
 
         return self._guard(principal, "delete_gallery", name, (), work)

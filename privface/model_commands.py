@@ -49,6 +49,7 @@ def cmd_train(args) -> int:
         warmup_steps=args.warmup_steps,
         val_identities=args.val_identities,
         init=args.init,
+        precision=args.precision,
     )
     summary = train(config, progress=not args.quiet)
     print(json.dumps({k: v for k, v in summary.items() if k != "teacher_mean"}, indent=2))

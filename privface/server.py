@@ -30,9 +30,9 @@ from grpc_reflection.v1alpha import reflection
 from matcher import set_search_threads
 from privface import servicer
 from privface.auth import AuthInterceptor, TokenStore
-from privface.config import Settings
+from privface.config import Settings, check_index_backend
 from privface.embedding import Embedder
-from privface.gallery_service import GalleryEngine
+from privface.gallery_service import GalleryEngine, MilvusOptions
 from privface.keys import resolve_keyring
 from storage import migrate
 from storage.database import make_engine, make_session_factory, normalize_url
@@ -157,8 +157,26 @@ def database_url(settings: Settings) -> tuple[str, Any]:
     return embedded.url, embedded
 
 
+def milvus_options(settings: Settings) -> MilvusOptions | None:
+    """The Milvus backend's settings, or None for the in-process FAISS indexes."""
+    if settings.index_backend != "milvus":
+        return None
+    log.info("index backend: Milvus at %s (collections %s_*, %s); FAISS snapshots not used",
+             settings.milvus_uri, settings.milvus_collection_prefix, settings.milvus_index_type)
+    uri = settings.milvus_uri.strip()
+    return MilvusOptions(
+        uri=str(Path(uri).expanduser()) if uri.endswith(".db") else uri,
+        token=settings.milvus_token,
+        prefix=settings.milvus_collection_prefix,
+        index_type=settings.milvus_index_type,
+        index_params=settings.milvus_index_params,
+        search_params=settings.milvus_search_params,
+    )
+
+
 def build_server(settings: Settings, *, warm_up: bool = True) -> RunningServer:
     """Start everything and return the running server (health SERVING once warmed up)."""
+    check_index_backend(settings)
     host, port = split_address(settings.listen)
     tokens = load_tokens(settings, host)
     creds = server_credentials(settings)
@@ -176,9 +194,11 @@ def build_server(settings: Settings, *, warm_up: bool = True) -> RunningServer:
         db = make_engine(url, pool_size=max(5, settings.workers))
         sessions = make_session_factory(db)
         snapshots = Path(settings.data_dir).expanduser() / "snapshots"
+        milvus = milvus_options(settings)
         engine = GalleryEngine(sessions, keys, embedder, force_cpu_index=settings.force_cpu_index,
                                max_message_bytes=settings.max_message_bytes,
-                               snapshot_dir=snapshots if settings.index_snapshots else None)
+                               snapshot_dir=snapshots if settings.index_snapshots else None,
+                               milvus=milvus)
     except BaseException:
         if embedded is not None:
             embedded.stop()

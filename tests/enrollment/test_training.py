@@ -131,3 +131,57 @@ def test_evaluation_on_a_handful_of_pairs(tiny_run, tmp_path):
     assert mapped["accuracy"] >= 0.8  # one gallery key keeps who is who
     subject = ev.verification(ev.teacher_embedder(cache), cache, str(pairs), mapping="subject")
     assert subject["accuracy"] >= mapped["accuracy"]  # impostors under their own keys
+
+
+def test_precision_choice():
+    import torch
+
+    from enrollment.training import resolve_precision
+
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
+    assert resolve_precision("auto") == ("bf16" if torch.cpu._is_amx_tile_supported() else "fp32")
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp16")
+
+
+def test_bf16_training_keeps_fp32_weights_and_learns(tiny_run, tmp_path):
+    """bf16 autocast changes the arithmetic of the convolutions only: the weights, the
+    optimiser and the saved model stay fp32/fp16 as before, and the loss still falls."""
+    import dataclasses
+
+    import torch
+
+    config, _ = tiny_run
+    run = dataclasses.replace(config, out_dir=str(tmp_path / "bf16"), epochs=3, precision="bf16",
+                              lr=0.05)
+    summary = train(run, progress=False)
+    assert summary["precision"] == "bf16"
+    log = [json.loads(line) for line in Path(run.out_dir, "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in log)
+    assert log[-1]["distill"] < log[0]["distill"]
+    ckpt = torch.load(Path(run.out_dir) / "checkpoint.pt", weights_only=False)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in ckpt["model"].values())
+
+
+def test_vanilla_model_is_also_measured_on_its_own_rank(tiny_run, tmp_path):
+    import dataclasses
+
+    from enrollment.model_io import load_model
+
+    config, _ = tiny_run
+    run = dataclasses.replace(config, out_dir=str(tmp_path / "vanilla"), epochs=1,
+                              fixed_rank=(2, 1), arcface_weight=0.0)
+    train(run, progress=False)
+    path = str(Path(run.out_dir) / "model.pt")
+    _, info = load_model(path)
+    assert tuple(info["meta"]["train"]["fixed_rank"]) == (2, 1)
+    assert ev.fixed_rank_of(path) == (2, 1)
+    assert ev.fixed_rank_of(f"{config.out_dir}/model.pt") is None
+    cache = build_cache(config.data[0], config.cache_dir, limit_identities=60)
+    names = set(ev.variants({"vanilla": path}, cache, seed=0, flip=False))
+    assert names == {"vanilla", "vanilla_trained_rank", "teacher"}
+    # on its own rank the embedding of a face is deterministic; on random ranks it is not
+    own = ev.variants({"vanilla": path}, cache, seed=0, flip=False)["vanilla_trained_rank"]
+    other = ev.variants({"vanilla": path}, cache, seed=1, flip=False)["vanilla_trained_rank"]
+    idx = np.arange(4)
+    np.testing.assert_allclose(own(idx), other(idx), atol=1e-5)
