@@ -38,6 +38,7 @@ def model_embedder(
     flip: bool = True,
     rank: tuple[int, int] | None = None,
     greyscale: bool = False,
+    precision: str = "fp32",
 ) -> Embedder:
     """Embeddings of cached faces: random rank per image (or a fixed subset / rank), + flip.
 
@@ -76,7 +77,7 @@ def model_embedder(
             total = 0
             for v in views:
                 x = model_inputs(v, info["kind"], profile, ranks_for(len(chunk), rng))
-                total = total + embed(model, x)
+                total = total + embed(model, x, precision=precision)
             out.append(total / np.linalg.norm(total, axis=1, keepdims=True))
         return np.concatenate(out)
 
@@ -223,11 +224,16 @@ def fixed_rank_of(path: str | os.PathLike) -> tuple[int, int] | None:
 
 
 def variants(
-    models: dict[str, str], cache: FaceCache, seed: int, flip: bool, greyscale: bool = False
+    models: dict[str, str],
+    cache: FaceCache,
+    seed: int,
+    flip: bool,
+    greyscale: bool = False,
+    precision: str = "fp32",
 ) -> dict[str, Embedder]:
     """The embedders to compare, by JSON name (the teacher always sees colour)."""
     out: dict[str, Embedder] = {}
-    kw = {"flip": flip, "greyscale": greyscale}
+    kw = {"flip": flip, "greyscale": greyscale, "precision": precision}
     if "protected" in models:
         out["protected"] = model_embedder(models["protected"], cache, seed, **kw)
         for s in range(6):

@@ -56,14 +56,33 @@ def model_inputs(
     raise ValueError(f"unknown input kind {kind!r}")
 
 
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` means bf16 only where the CPU multiplies bf16 in hardware (AMX tiles, e.g.
+    Sapphire Rapids): there the convolutions run in bf16 under autocast, elsewhere bf16 is
+    emulated and slower than fp32."""
+    if precision == "auto":
+        return "bf16" if torch.cpu._is_amx_tile_supported() else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    return precision
+
+
 @torch.no_grad()
-def embed(model: Backbone, inputs: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-    """L2-normalised embeddings of model inputs."""
+def embed(
+    model: Backbone, inputs: torch.Tensor, batch_size: int = 256, precision: str = "fp32"
+) -> np.ndarray:
+    """L2-normalised embeddings of model inputs (``precision`` fp32 or bf16 autocast;
+    weights, standardisation and the normalisation stay fp32 either way)."""
     model.eval()
+    bf16 = resolve_precision(precision) == "bf16"
     out = []
     for i in range(0, len(inputs), batch_size):
-        e = model(inputs[i : i + batch_size].float())
-        out.append(torch.nn.functional.normalize(e, dim=1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            e = model(inputs[i : i + batch_size].float())
+        out.append(torch.nn.functional.normalize(e.float(), dim=1))
     return torch.cat(out).numpy()
 
 

@@ -27,7 +27,7 @@ from enrollment.backbone import Backbone, BackboneConfig, count_parameters
 from enrollment.face_cache import FaceCache, build_cache
 from enrollment.lfw_protocol import held_out_identities
 from enrollment.metrics import best_threshold
-from enrollment.model_io import embed, load_model, model_inputs, save_model
+from enrollment.model_io import embed, load_model, model_inputs, resolve_precision, save_model
 from enrollment.profiles import get_profile
 
 GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -63,7 +63,9 @@ class TrainConfig:
     threads: int | None = None
     workers: int = 2
     init: str | None = None  # model file to start from (warm restart), not a checkpoint
-    precision: str = "auto"  # "fp32", "bf16" or "auto" (bf16 where the CPU has AMX tiles)
+    # "fp32", "bf16" or "auto" (bf16 autocast where the CPU has AMX tiles: the shipped
+    # 32-256 network trains 1.8x faster there, 61 -> 108 img/s on a Sapphire Rapids pair)
+    precision: str = "auto"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -215,17 +217,6 @@ def validate(model: Backbone, data: FaceCache, config: TrainConfig, pairs, same)
     e = embed(model, inputs)
     scores = np.sum(e[pairs[:, 0]] * e[pairs[:, 1]], axis=1)
     return float(np.mean((scores >= best_threshold(scores, same)) == same))
-
-
-def resolve_precision(precision: str) -> str:
-    """bf16 autocast only where the CPU multiplies bf16 in hardware (AMX): measured on a
-    Sapphire Rapids core pair, the shipped 32-256 network trains 1.8x faster (61 -> 108
-    img/s); without AMX bf16 is emulated and slower than fp32."""
-    if precision == "auto":
-        return "bf16" if torch.cpu._is_amx_tile_supported() else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32, bf16 or auto, not {precision!r}")
-    return precision
 
 
 def lr_at(step: int, total: int, config: TrainConfig) -> float:

@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", help="comma-separated variants to run (e.g. protected,teacher)")
     p.add_argument("--write-threshold", action="store_true",
                    help="store the FAR 1e-3 thresholds in the protected model's file")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                   help="arithmetic of the models' convolutions (the service's model_precision)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir")
     p.add_argument("--config")

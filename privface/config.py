@@ -59,6 +59,9 @@ class Settings:
     workers: int = 8
     #: torch intra-op threads for embedding on the server; 0 = min(4, CPU count)
     torch_threads: int = 0
+    #: arithmetic of the model's convolutions on the server: "fp32", "bf16" (autocast) or
+    #: "auto" (bf16 where the CPU has AMX tiles; see docs/model-card.md for its effect)
+    model_precision: str = "fp32"
     #: FAISS (OpenMP) threads per single search; 1 is fastest under concurrent load
     #: (parallelism comes from the gRPC workers); 0 = OpenMP's default (all cores). Index
     #: builds and batch searches always use all cores

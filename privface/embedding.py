@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from enrollment import wire
-from enrollment.model_io import DEFAULT_MODEL, embed, load_model
+from enrollment.model_io import DEFAULT_MODEL, embed, load_model, resolve_precision
 from enrollment.profiles import ProtectionProfile, get_profile
 from privface.errors import ServiceError
 
@@ -84,6 +84,7 @@ class Embedder:
         *,
         threads: int = 0,
         threshold: float = 0.0,
+        precision: str = "fp32",
     ) -> None:
         model_path = Path(path or DEFAULT_MODEL)
         if not model_path.exists():
@@ -109,12 +110,13 @@ class Embedder:
             mapping=dict(meta.get("identity_mapping") or {}),
         )
         self._model = model
+        self.precision = resolve_precision(precision)
         self._lock = threading.Lock()
         torch.set_num_threads(threads or max(1, min(4, os.cpu_count() or 1)))
         log.info(
-            "model %s (%s, profile %s, %d-d embeddings); threshold %.4f from the %s",
+            "model %s (%s, profile %s, %d-d embeddings, %s); threshold %.4f from the %s",
             self.card.model_version, self.card.kind, self.card.profile.name,
-            self.card.embedding_dim, value, source,
+            self.card.embedding_dim, self.precision, value, source,
         )
 
     def decode(self, blob: bytes, what: str) -> np.ndarray:
@@ -163,7 +165,7 @@ class Embedder:
         counts = [len(a) for a in inputs]
         x = torch.from_numpy(np.ascontiguousarray(np.concatenate(inputs)))
         with self._lock:
-            views = embed(self._model, x, batch_size=BATCH)
+            views = embed(self._model, x, batch_size=BATCH, precision=self.precision)
         out = np.add.reduceat(views.astype(np.float64), np.cumsum([0, *counts[:-1]]), axis=0)
         out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out.astype(np.float32)

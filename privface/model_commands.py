@@ -113,7 +113,8 @@ def cmd_eval(args) -> int:
     pairs_txt = str(data / "lfw" / "pairs.txt")
     cache = ev.lfw_cache(data / "lfw", args.cache_dir or settings.cache_dir)
     embedders = ev.variants(
-        _models(args), cache, args.seed, flip=not args.no_flip, greyscale=args.greyscale
+        _models(args), cache, args.seed, flip=not args.no_flip, greyscale=args.greyscale,
+        precision=args.precision,
     )
     if args.only:
         wanted = set(args.only.split(","))
@@ -176,7 +177,8 @@ def cmd_eval(args) -> int:
     out = {
         **results,
         **({"summary": summary} if summary else {}),
-        "settings": {"flip": not args.no_flip, "seed": args.seed, "models": _models(args)},
+        "settings": {"flip": not args.no_flip, "seed": args.seed, "models": _models(args),
+                     "greyscale": args.greyscale, "precision": args.precision},
     }
     if args.json:
         ev.write_json(args.json, out)

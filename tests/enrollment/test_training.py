@@ -136,7 +136,7 @@ def test_evaluation_on_a_handful_of_pairs(tiny_run, tmp_path):
 def test_precision_choice():
     import torch
 
-    from enrollment.training import resolve_precision
+    from enrollment.model_io import resolve_precision
 
     assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
     assert resolve_precision("auto") == ("bf16" if torch.cpu._is_amx_tile_supported() else "fp32")

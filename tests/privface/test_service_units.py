@@ -219,3 +219,21 @@ def test_protect_many_matches_protect_face(aligned_faces):
                     for i, f in enumerate(faces)]
     same = [content_rng(b"img", "p").integers(1 << 30) for _ in range(2)]
     assert same[0] == same[1] != content_rng(b"img2", "p").integers(1 << 30)
+
+
+def test_embedder_precision(service_model, att_inputs):
+    """bf16 autocast (model_precision) gives the fp32 embeddings up to rounding, so templates
+    made in either precision stay comparable; an unknown precision stops the start."""
+    from privface.embedding import Embedder
+
+    kw = {"threads": 1, "threshold": service_model.settings_threshold}
+    fp32 = Embedder(service_model.path, **kw)
+    bf16 = Embedder(service_model.path, precision="bf16", **kw)
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    views = [fp32.decode(att_inputs[(s, 1)], "sample") for s in range(1, 7)]
+    a, b = fp32.embed(views), bf16.embed(views)
+    assert np.all(np.sum(a * b, axis=1) > 0.999)
+    assert not np.array_equal(a, b)  # it really ran in bf16
+    assert load_settings(env={"PRIVFACE_MODEL_PRECISION": "auto"}).model_precision == "auto"
+    with pytest.raises(ValueError, match="precision"):
+        Embedder(service_model.path, precision="fp16", **kw)
