@@ -217,6 +217,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=THREADS, help="torch / FAISS / BLAS threads")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                    help="the server's model_precision")
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--untrained-model", action="store_true")
     ap.add_argument("--json", type=Path, default=Path("bench/results/service.json"))
@@ -245,6 +247,7 @@ def main() -> None:
         listen="127.0.0.1:0",
         model_path=str(model_path),
         torch_threads=THREADS,
+        model_precision=args.precision,
         workers=8,
         sync_interval=0,
         key_file="",
@@ -255,6 +258,7 @@ def main() -> None:
             "untrained_model": untrained,
             "threads": THREADS,
             "views_per_input": args.views,
+            "model_precision": args.precision,
             "cpus": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "note": "end to end over gRPC on one machine (client, server, embedded "
