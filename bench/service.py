@@ -46,6 +46,7 @@ from tqdm import tqdm  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import templates as tpl  # noqa: E402
+from enrollment.model_io import PRECISIONS  # noqa: E402
 
 faiss.omp_set_num_threads(THREADS)
 GALLERY = "bench"
@@ -217,7 +218,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=THREADS, help="torch / FAISS / BLAS threads")
-    ap.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+    ap.add_argument("--precision", choices=PRECISIONS, default="fp32",
                     help="the server's model_precision")
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--untrained-model", action="store_true")

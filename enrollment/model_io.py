@@ -70,6 +70,13 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
+def autocast(precision: str):
+    """The context the model runs in: bf16 autocast for ``bf16`` (convolutions and linear
+    layers in bf16, everything else fp32), a no-op for ``fp32``."""
+    bf16 = resolve_precision(precision) == "bf16"
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+
 @torch.no_grad()
 def embed(
     model: Backbone, inputs: torch.Tensor, batch_size: int = 256, precision: str = "fp32"
@@ -77,10 +84,9 @@ def embed(
     """L2-normalised embeddings of model inputs (``precision`` fp32 or bf16 autocast;
     weights, standardisation and the normalisation stay fp32 either way)."""
     model.eval()
-    bf16 = resolve_precision(precision) == "bf16"
     out = []
     for i in range(0, len(inputs), batch_size):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with autocast(precision):
             e = model(inputs[i : i + batch_size].float())
         out.append(torch.nn.functional.normalize(e.float(), dim=1))
     return torch.cat(out).numpy()

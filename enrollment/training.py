@@ -27,7 +27,14 @@ from enrollment.backbone import Backbone, BackboneConfig, count_parameters
 from enrollment.face_cache import FaceCache, build_cache
 from enrollment.lfw_protocol import held_out_identities
 from enrollment.metrics import best_threshold
-from enrollment.model_io import embed, load_model, model_inputs, resolve_precision, save_model
+from enrollment.model_io import (
+    autocast,
+    embed,
+    load_model,
+    model_inputs,
+    resolve_precision,
+    save_model,
+)
 from enrollment.profiles import get_profile
 
 GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -333,7 +340,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                 group["lr"] = lr_at(step, total, config)
             # NCHW in: standardised there (in fp32), channels-last from the stem on; weights,
             # optimiser and losses stay fp32, convolutions run in bf16 under autocast.
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with autocast(precision):
                 emb = model(x)
             emb = emb.float()
             distill = (1 - nn.functional.cosine_similarity(emb, targets[idx])).mean()

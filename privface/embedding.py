@@ -86,6 +86,7 @@ class Embedder:
         threshold: float = 0.0,
         precision: str = "fp32",
     ) -> None:
+        self.precision = resolve_precision(precision)  # a bad setting fails before the load
         model_path = Path(path or DEFAULT_MODEL)
         if not model_path.exists():
             raise FileNotFoundError(
@@ -110,7 +111,6 @@ class Embedder:
             mapping=dict(meta.get("identity_mapping") or {}),
         )
         self._model = model
-        self.precision = resolve_precision(precision)
         self._lock = threading.Lock()
         torch.set_num_threads(threads or max(1, min(4, os.cpu_count() or 1)))
         log.info(

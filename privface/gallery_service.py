@@ -131,6 +131,11 @@ def milvus_gallery_stem(prefix: str, gallery: str) -> str:
     return f"{prefix}_{digest}_"
 
 
+def milvus_incarnation_stem(prefix: str, gallery: str, gallery_id: int) -> str:
+    """The start of every collection of one incarnation (database id) of ``gallery``."""
+    return f"{milvus_gallery_stem(prefix, gallery)}{_milvus_safe(gallery, 64)}_g{int(gallery_id)}_"
+
+
 def milvus_collection_name(
     prefix: str, gallery: str, gallery_id: int, model_version: str, key_id: str
 ) -> str:
@@ -140,8 +145,7 @@ def milvus_collection_name(
     companion. A re-created gallery (new id) or another model never meets an old collection.
     """
     tag = hashlib.sha256(f"{model_version}\0{key_id}".encode()).hexdigest()[:10]
-    return (f"{milvus_gallery_stem(prefix, gallery)}{_milvus_safe(gallery, 64)}"
-            f"_g{int(gallery_id)}_{_milvus_safe(key_id, 32)}_{tag}")
+    return f"{milvus_incarnation_stem(prefix, gallery, gallery_id)}{_milvus_safe(key_id, 32)}_{tag}"
 
 
 @dataclass(frozen=True)
@@ -443,7 +447,7 @@ class GalleryEngine:
     def _drop_other_incarnations(self, gallery: str, gallery_id: int) -> None:
         """Collections of an earlier gallery of the same name (deleted, maybe re-created)."""
         stem = milvus_gallery_stem(self.milvus.prefix, gallery)
-        mine = f"{stem}{_milvus_safe(gallery, 64)}_g{int(gallery_id)}_"
+        mine = milvus_incarnation_stem(self.milvus.prefix, gallery, gallery_id)
         self._drop_collections(
             [c for c in self._milvus_client.list_collections()
              if c.startswith(stem) and not c.startswith(mine)],
