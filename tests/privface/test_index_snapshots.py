@@ -37,7 +37,12 @@ def test_round_trip_in_chunks_and_no_template_in_clear(tmp_path, monkeypatch):
     idx, x = _index()
     path = _write(tmp_path, ring, **{"tmap-1": idx.dumps(), "tmap-2": b"second"})
     raw = path.read_bytes()
-    assert x[0].tobytes()[:12] not in raw and b"subject-0001" not in raw.split(b"}", 1)[1]
+    body = raw.split(b"}", 1)[1]
+    # the plaintext holds the template bytes and the subject ids (numpy stores them UTF-32)
+    subject = "subject-0001".encode("utf-32-le")
+    assert x[0].tobytes()[:12] in idx.dumps() and subject in idx.dumps()
+    assert x[0].tobytes()[:12] not in raw and subject not in body
+    assert b"subject-0001" not in body
     assert (path.stat().st_mode & 0o777) == 0o600
     snap = snaps.read_snapshot(tmp_path, ring, "g/ä 1")
     assert (snap.gallery_id, snap.cursor, snap.model_version) == (3, 42, "m1")
