@@ -130,17 +130,22 @@ def fill(running, n_target: int, model: tpl.DistractorModel, seed: int) -> int:
     x, lab = model.sample(need, rng)
     starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
     ends = np.r_[starts[1:], len(lab)]
-    per_tx = 500
+    per_tx = 2000  # subjects per bulk import (one transaction each)
     bar = tqdm(total=need, desc=f"  fill PostgreSQL to {n_target:,}", unit="tmpl")
     for b in range(0, len(starts), per_tx):
-        with sessions.begin() as s:
-            for a, e in zip(starts[b : b + per_tx], ends[b : b + per_tx], strict=True):
-                samples = [
+        batch = [
+            (
+                f"syn-{have}-{lab[a]}",
+                [
                     SampleInput(t, eng.card.model_version, p.name, str(p.version), key_id)
                     for t in x[a:e]
-                ]
-                repo.enroll_subject(s, ring, GALLERY, f"syn-{have}-{lab[a]}", samples)
-                bar.update(e - a)
+                ],
+            )
+            for a, e in zip(starts[b : b + per_tx], ends[b : b + per_tx], strict=True)
+        ]
+        with sessions.begin() as s:
+            repo.import_subjects(s, ring, GALLERY, batch)
+        bar.update(sum(len(samples) for _, samples in batch))
     bar.close()
     db.dispose()
     return n_target

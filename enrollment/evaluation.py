@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ def model_embedder(
 
     ``greyscale`` drops the colour first (as from a greyscale camera: Cb = Cr = 0).
     """
-    model, info = load_model(path)
+    model, info = _load(str(path))
     profile = profile_for(info)
 
     def ranks_for(n: int, rng: np.random.Generator) -> np.ndarray | None:
@@ -216,9 +217,21 @@ def lfw_cache(data_dir: str | os.PathLike, cache_dir: str | os.PathLike) -> Face
     return build_cache(Path(data_dir) / "lfw-deepfunneled", cache_dir)
 
 
+def _load(path: str):
+    """One load per model file for all its variants (the protected model serves seven);
+    keyed by modification time too, so a file rewritten in the same process is reloaded."""
+    stat = os.stat(path)
+    return _load_version(path, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=4)
+def _load_version(path: str, mtime_ns: int, size: int):
+    return load_model(path)
+
+
 def fixed_rank_of(path: str | os.PathLike) -> tuple[int, int] | None:
     """The rank a fixed-rank ("vanilla") model was trained on, from its training meta."""
-    _, info = load_model(path)
+    _, info = _load(str(path))
     rank = (info.get("meta") or {}).get("train", {}).get("fixed_rank")
     return tuple(int(v) for v in rank) if rank else None
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from enrollment import wire
+from enrollment.backbone import fold_batchnorm
 from enrollment.model_io import DEFAULT_MODEL, embed, load_model, resolve_precision
 from enrollment.profiles import ProtectionProfile, get_profile
 from privface.errors import ServiceError
@@ -59,6 +60,16 @@ class ModelCard:
     threshold: float
     threshold_source: str
     mapping: dict = field(default_factory=dict)  # identity-mapping m, c_max, overlap
+
+
+def to_float32(array: np.ndarray) -> np.ndarray:
+    """float16 wire arrays to float32 through torch, whose vectorised conversion is several
+    times faster than numpy's ``astype`` (that was an eighth of EnrollBatch's time)."""
+    if array.dtype == np.float32:
+        return np.ascontiguousarray(array)
+    if array.dtype == np.float16:
+        return torch.from_numpy(np.ascontiguousarray(array)).float().numpy()
+    return array.astype(np.float32)
 
 
 def resolve_threshold(meta: dict, override: float) -> tuple[float, str]:
@@ -110,7 +121,8 @@ class Embedder:
             threshold_source=source,
             mapping=dict(meta.get("identity_mapping") or {}),
         )
-        self._model = model
+        # conv->BN pairs folded for serving: exact, ~6% more views/s on 2 threads (measured)
+        self._model = fold_batchnorm(model).to(memory_format=torch.channels_last)
         self._lock = threading.Lock()
         torch.set_num_threads(threads or max(1, min(4, os.cpu_count() or 1)))
         log.info(
@@ -146,17 +158,19 @@ class Embedder:
                 "profile_digest",
             )
         try:
-            wire.check(array, profile)
+            wire.check(array, profile, check_finite=False)
+            if array.shape[0] > MAX_VIEWS:
+                raise ServiceError(
+                    "INVALID_ARGUMENT",
+                    f"{what}: {array.shape[0]} views in one protected input; the limit is "
+                    f"{MAX_VIEWS} (send several samples instead)",
+                    "views",
+                )
+            views = to_float32(array)
+            wire.check(views, profile, check_dtype=False)
         except wire.ProtectedInputError as exc:
             raise ServiceError("INVALID_ARGUMENT", f"{what}: {exc}", exc.reason) from None
-        if array.shape[0] > MAX_VIEWS:
-            raise ServiceError(
-                "INVALID_ARGUMENT",
-                f"{what}: {array.shape[0]} views in one protected input; the limit is "
-                f"{MAX_VIEWS} (send several samples instead)",
-                "views",
-            )
-        return array.astype(np.float32)
+        return views
 
     def embed(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
         """One unit embedding per input: the views' embeddings averaged, renormalised."""

@@ -28,6 +28,24 @@ def test_backbone_shapes():
         assert model(torch.randn(2, 27, 112, 112)).shape == (2, 512)
 
 
+def test_standardise_matches_numpy_and_keeps_gradients():
+    import torch
+
+    from enrollment.backbone import standardise
+
+    x = np.random.default_rng(0).standard_normal((3, 5, 7, 9)) * [[[[40.0]]]] + 3.0
+    want = (x - x.mean(axis=(2, 3), keepdims=True)) / (
+        x.std(axis=(2, 3), ddof=1, keepdims=True) + 1e-6
+    )
+    got = standardise(torch.from_numpy(x.astype(np.float32)))
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+    leaf = torch.from_numpy(x.astype(np.float32)).requires_grad_()
+    with_grad = standardise(leaf)
+    np.testing.assert_allclose(with_grad.detach().numpy(), got.numpy(), rtol=1e-6, atol=1e-6)
+    (with_grad * torch.arange(9.0)).sum().backward()  # autograd through the graph path
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
 def test_exclusion_of_test_identities(data_dir):
     pairs = data_dir / "lfw" / "pairs.txt"
     excluded = held_out_identities(pairs)
@@ -185,3 +203,27 @@ def test_vanilla_model_is_also_measured_on_its_own_rank(tiny_run, tmp_path):
     other = ev.variants({"vanilla": path}, cache, seed=1, flip=False)["vanilla_trained_rank"]
     idx = np.arange(4)
     np.testing.assert_allclose(own(idx), other(idx), atol=1e-5)
+
+
+def test_fold_batchnorm_is_exact_in_eval_mode():
+    import torch
+
+    from enrollment.backbone import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = Backbone(TINY)
+    for m in model.modules():  # non-trivial running statistics and affine parameters
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    model.eval()
+    folded = fold_batchnorm(model)
+    x = torch.randn(4, 27, 112, 112) * 20
+    with torch.no_grad():
+        want, got = model(x), folded(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    n_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert n_bn == len(TINY.blocks) and not folded.training  # only the units' leading BNs
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # copy, not in place

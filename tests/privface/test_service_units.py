@@ -237,3 +237,16 @@ def test_embedder_precision(service_model, att_inputs):
     assert load_settings(env={"PRIVFACE_MODEL_PRECISION": "auto"}).model_precision == "auto"
     with pytest.raises(ValueError, match="precision"):
         Embedder(service_model.path, precision="fp16", **kw)
+
+
+def test_to_float32_is_exact():
+    from privface.embedding import to_float32
+
+    rng = np.random.default_rng(0)
+    half = (rng.standard_normal((2, 3, 4, 5)) * 1000).astype(np.float16)
+    half[0, 0, 0, :3] = [np.inf, -np.inf, np.nan]
+    np.testing.assert_array_equal(to_float32(half), half.astype(np.float32))
+    single = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)[:, :, :, ::-1]
+    out = to_float32(single)
+    assert out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, single)

@@ -381,3 +381,34 @@ def test_pagination_is_stable_and_tokens_are_checked(
                 repo.list_subjects(s, keyring, gallery, page_size=size)
         empty = repo.list_subjects(s, keyring, "elsewhere")
         assert empty.subjects == [] and empty.next_page_token == ""
+
+
+def test_import_subjects_in_bulk(session_factory, keyring, gallery, make_samples) -> None:
+    batch = [(f"imp-{i:03d}", make_samples(1 + i % 3, dim=64)) for i in range(40)]
+    with session_factory.begin() as s:
+        results = repo.import_subjects(s, keyring, gallery, batch)
+    assert [r.subject_id for r in results] == [sid for sid, _ in batch]
+    assert [len(r.sample_ids) for r in results] == [len(samples) for _, samples in batch]
+    with session_factory() as s:
+        info = repo.get_gallery(s, gallery)
+        assert (info.subject_count, info.sample_count) == (40, sum(1 + i % 3 for i in range(40)))
+        got = repo.get_subject(s, keyring, gallery, "imp-005")
+        assert got.display_name == "" and got.metadata == {}
+        stored = {
+            r.sample_id: r.template
+            for chunk in repo.iter_gallery_templates(s, keyring, gallery)
+            for r in chunk
+        }
+    for (_, samples), res in zip(batch, results, strict=True):
+        for sample, sample_id in zip(samples, res.sample_ids, strict=True):
+            np.testing.assert_array_equal(stored[sample_id], sample.template)
+    # all or nothing: one taken id refuses the whole batch, a repeat within it too
+    with session_factory.begin() as s, pytest.raises(AlreadyExists, match="imp-007"):
+        repo.import_subjects(s, keyring, gallery, [("new-1", make_samples(1, dim=64)),
+                                                   ("imp-007", make_samples(1, dim=64))])
+    with session_factory.begin() as s, pytest.raises(InvalidArgument, match="repeat"):
+        repo.import_subjects(s, keyring, gallery, [("x", make_samples(1, dim=64))] * 2)
+    with session_factory.begin() as s, pytest.raises(TemplateDimensionMismatch):
+        repo.import_subjects(s, keyring, gallery, [("y", make_samples(1, dim=32))])
+    with session_factory() as s:
+        assert repo.get_gallery(s, gallery).subject_count == 40
