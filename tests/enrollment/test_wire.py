@@ -78,3 +78,15 @@ def test_profile_digest_changes_with_any_parameter():
 
     assert PAPER.digest() != replace(PAPER, factor=4).digest()
     assert PAPER.digest() == get_profile("partialface-paper").digest()
+
+
+def test_all_finite_agrees_with_numpy_on_every_float16():
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    for value, finite in zip(every, np.isfinite(every), strict=True):
+        assert wire.all_finite(np.array([value])) == bool(finite)
+    strided = np.zeros((4, 6), np.float16)[:, ::2]
+    strided[1, 1] = -np.inf
+    assert not wire.all_finite(strided) and wire.all_finite(np.zeros(3, np.float16))
+    assert not wire.all_finite(np.array([1.0, np.nan], np.float32))
+    swapped = np.array([1.0, 65504.0, -np.inf], ">f2")  # the other byte order
+    assert not wire.all_finite(swapped) and wire.all_finite(swapped[:2])

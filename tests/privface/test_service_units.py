@@ -239,14 +239,14 @@ def test_embedder_precision(service_model, att_inputs):
         Embedder(service_model.path, precision="fp16", **kw)
 
 
-def test_to_float32_is_exact():
-    from privface.embedding import to_float32
 
-    rng = np.random.default_rng(0)
-    half = (rng.standard_normal((2, 3, 4, 5)) * 1000).astype(np.float16)
-    half[0, 0, 0, :3] = [np.inf, -np.inf, np.nan]
-    np.testing.assert_array_equal(to_float32(half), half.astype(np.float32))
-    single = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)[:, :, :, ::-1]
-    out = to_float32(single)
-    assert out.dtype == np.float32 and out.flags.c_contiguous
-    np.testing.assert_array_equal(out, single)
+def test_embedder_keeps_float16_until_the_model(service_model, att_inputs):
+    from privface.embedding import Embedder
+
+    e = Embedder(service_model.path, threads=1, threshold=service_model.settings_threshold)
+    views = [e.decode(att_inputs[(s, 1)], "sample") for s in range(1, 4)]
+    assert all(v.dtype == np.float16 for v in views)  # as the client sends them
+    as_float32 = e.embed([v.astype(np.float32) for v in views])
+    np.testing.assert_allclose(e.embed(views), as_float32, rtol=0, atol=1e-6)
+    mixed = e.embed([views[0].astype(np.float32), views[1], views[2]])
+    np.testing.assert_allclose(mixed, as_float32, rtol=0, atol=1e-6)
