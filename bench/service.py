@@ -109,8 +109,9 @@ def pick_faces(cache, n_enroll: int, n_single: int, seed: int):
     return single, batch, probes, non_mated
 
 
-def fill(running, n_target: int, model: tpl.DistractorModel, seed: int) -> int:
-    """Write synthetic subjects into PostgreSQL until the gallery holds n_target samples."""
+def fill(running, n_target: int, model: tpl.DistractorModel, seed: int) -> float:
+    """Write synthetic subjects into PostgreSQL until the gallery holds n_target samples;
+    templates written per second (0 when there was nothing to write)."""
     from storage import repository as repo
     from storage.database import make_engine, make_session_factory
     from storage.records import SampleInput
@@ -125,7 +126,8 @@ def fill(running, n_target: int, model: tpl.DistractorModel, seed: int) -> int:
         have = repo.get_gallery(s, GALLERY).sample_count
     need = n_target - have
     if need <= 0:
-        return have
+        return 0.0
+    t0 = time.perf_counter()
     rng = np.random.default_rng(seed + have)
     x, lab = model.sample(need, rng)
     starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
@@ -148,7 +150,7 @@ def fill(running, n_target: int, model: tpl.DistractorModel, seed: int) -> int:
         bar.update(sum(len(samples) for _, samples in batch))
     bar.close()
     db.dispose()
-    return n_target
+    return need / (time.perf_counter() - t0)
 
 
 def fitted_model(running, seed: int) -> tpl.DistractorModel:
@@ -326,7 +328,7 @@ def main() -> None:
 
         for n in sorted(args.sizes):
             log(f"=== gallery of {n:,} templates ===")
-            fill(running, n, model, args.seed)
+            fill_rate = fill(running, n, model, args.seed)
             running.stop()
             snaps = Path(settings.data_dir) / "snapshots"
             shutil.rmtree(snaps, ignore_errors=True)  # first start: build from PostgreSQL
@@ -371,6 +373,7 @@ def main() -> None:
                 "qps": max(per.values()),
                 "mate_rank1": float(rank1),
                 "index": client.gallery_stats(GALLERY).index_type,
+                "fill_templates_per_s": fill_rate,  # synthetic, via import_subjects
             }
             result["runs"][str(n)] = run
             log(
