@@ -133,8 +133,8 @@ def fold_batchnorm(model: Backbone) -> Backbone:
     model = copy.deepcopy(model).eval()
 
     def fold_sequence(seq: nn.Sequential) -> nn.Sequential:
-        mods, out = list(seq), []
-        for m in mods:
+        out: list[nn.Module] = []
+        for m in seq:
             if isinstance(m, nn.BatchNorm2d) and out and isinstance(out[-1], nn.Conv2d):
                 out[-1] = fuse_conv_bn_eval(out[-1], m)
             else:

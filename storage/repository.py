@@ -377,6 +377,30 @@ def _insert_samples(
     return ids
 
 
+def _subject_row(
+    keyring: KeyRing,
+    gallery_id: int,
+    row_id: int,
+    subject_id: str,
+    display_name: str,
+    metadata: Mapping[str, str],
+) -> dict[str, Any]:
+    """A subjects row with its name and metadata encrypted under the row's own associated data."""
+    name_kid, name_ct = _encrypt_str(keyring, "subjects", row_id, "display_name", display_name)
+    meta_kid, meta_ct = keyring.encrypt(
+        _metadata_bytes(metadata), row_aad("subjects", row_id, "metadata")
+    )
+    return {
+        "id": row_id,
+        "gallery_id": gallery_id,
+        "subject_id": subject_id,
+        "display_name_ct": name_ct,
+        "display_name_enc_key_id": name_kid,
+        "metadata_ct": meta_ct,
+        "metadata_enc_key_id": meta_kid,
+    }
+
+
 def _sample_row(
     keyring: KeyRing,
     gallery_id: int,
@@ -649,19 +673,9 @@ def enroll_subject(
     _check_dimensions(session, gallery, gallery_id, checked)
 
     (row_id,) = _reserve_ids(session, "subjects", 1)
-    name_kid, name_ct = _encrypt_str(keyring, "subjects", row_id, "display_name", display_name)
-    meta_kid, meta_ct = keyring.encrypt(
-        _metadata_bytes(meta), row_aad("subjects", row_id, "metadata")
-    )
     session.execute(
         insert(Subject).values(
-            id=row_id,
-            gallery_id=gallery_id,
-            subject_id=subject_id,
-            display_name_ct=name_ct,
-            display_name_enc_key_id=name_kid,
-            metadata_ct=meta_ct,
-            metadata_enc_key_id=meta_kid,
+            **_subject_row(keyring, gallery_id, row_id, subject_id, display_name, meta)
         )
     )
     sample_ids = _insert_samples(session, keyring, gallery_id, row_id, checked)
@@ -702,23 +716,13 @@ def import_subjects(
         raise AlreadyExists(f"subject {taken!r} already exists in gallery {gallery!r}")
     _check_dimensions(session, gallery, gallery_id, [c for group in checked for c in group])
     row_ids = _reserve_ids(session, "subjects", len(ids))
-    empty_meta = _metadata_bytes({})
-    subject_rows = []
-    for row_id, subject_id in zip(row_ids, ids, strict=True):
-        name_kid, name_ct = _encrypt_str(keyring, "subjects", row_id, "display_name", "")
-        meta_kid, meta_ct = keyring.encrypt(empty_meta, row_aad("subjects", row_id, "metadata"))
-        subject_rows.append(
-            {
-                "id": row_id,
-                "gallery_id": gallery_id,
-                "subject_id": subject_id,
-                "display_name_ct": name_ct,
-                "display_name_enc_key_id": name_kid,
-                "metadata_ct": meta_ct,
-                "metadata_enc_key_id": meta_kid,
-            }
-        )
-    session.execute(insert(Subject), subject_rows)
+    session.execute(
+        insert(Subject),
+        [
+            _subject_row(keyring, gallery_id, row_id, subject_id, "", {})
+            for row_id, subject_id in zip(row_ids, ids, strict=True)
+        ],
+    )
     sample_ids, seqs = _reserve_sample_ids_and_seqs(session, sum(len(c) for c in checked))
     sample_rows, results, k = [], [], 0
     for row_id, subject_id, group in zip(row_ids, ids, checked, strict=True):
