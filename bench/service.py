@@ -46,7 +46,7 @@ from tqdm import tqdm  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import templates as tpl  # noqa: E402
-from enrollment.model_io import PRECISIONS  # noqa: E402
+from privface.embedding import RUNTIMES, SERVING_PRECISIONS  # noqa: E402
 
 faiss.omp_set_num_threads(THREADS)
 GALLERY = "bench"
@@ -225,8 +225,10 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=THREADS, help="torch / FAISS / BLAS threads")
-    ap.add_argument("--precision", choices=PRECISIONS, default="fp32",
+    ap.add_argument("--precision", choices=SERVING_PRECISIONS, default="fp32",
                     help="the server's model_precision")
+    ap.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                    help="the server's model_runtime (auto: ONNX Runtime for fp32)")
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--untrained-model", action="store_true")
     ap.add_argument("--json", type=Path, default=Path("bench/results/service.json"))
@@ -256,6 +258,7 @@ def main() -> None:
         model_path=str(model_path),
         torch_threads=THREADS,
         model_precision=args.precision,
+        model_runtime=args.runtime,
         workers=8,
         sync_interval=0,
         key_file="",
@@ -267,6 +270,7 @@ def main() -> None:
             "threads": THREADS,
             "views_per_input": args.views,
             "model_precision": args.precision,
+            "model_runtime": args.runtime,
             "cpus": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "note": "end to end over gRPC on one machine (client, server, embedded "

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from enrollment import identity_mapping as im
+from enrollment import onnx_runtime
 from enrollment.face_cache import FaceCache, build_cache
 from enrollment.lfw_protocol import held_out_identities, held_out_pairs
 from enrollment.metrics import (
@@ -47,6 +48,15 @@ def model_embedder(
     """
     model, info = _load(str(path))
     profile = profile_for(info)
+    if precision == "int8":  # the service's int8 graph (privface quantize), ONNX Runtime
+        int8 = onnx_runtime.load_int8(path, torch.get_num_threads())
+
+        def embed_views(x: torch.Tensor) -> np.ndarray:
+            return int8.embed(x)
+    else:
+
+        def embed_views(x: torch.Tensor) -> np.ndarray:
+            return embed(model, x, precision=precision)
 
     def ranks_for(n: int, rng: np.random.Generator) -> np.ndarray | None:
         if info["kind"] != "partialface":
@@ -78,7 +88,7 @@ def model_embedder(
             total = 0
             for v in views:
                 x = model_inputs(v, info["kind"], profile, ranks_for(len(chunk), rng))
-                total = total + embed(model, x, precision=precision)
+                total = total + embed_views(x)
             out.append(total / np.linalg.norm(total, axis=1, keepdims=True))
         return np.concatenate(out)
 

@@ -233,6 +233,18 @@ def lr_at(step: int, total: int, config: TrainConfig) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def channels_last_trainable(config: BackboneConfig) -> bool:
+    """Whether to train in channels-last: only when every width is a multiple of 16.
+
+    torch 2.13's CPU backward of a stride-2 residual unit with 8 or 12 channels at 56 x 56
+    in channels-last corrupts the heap on an AVX-512 CPU (AMD EPYC with AVX-512, reproduced
+    outside the project: ``free(): invalid next size``, then a segmentation fault); 16, 24
+    and the shipped 32-256 widths train correctly there, and every width does on AVX2-only
+    CPUs.  Narrow networks train in the default layout instead: slower, never wrong.
+    """
+    return all(w % 16 == 0 for w in config.widths)
+
+
 def train(config: TrainConfig, progress: bool = True) -> dict:
     """Train (or resume) into ``out_dir``; returns the final summary."""
     if config.threads:
@@ -266,8 +278,10 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
 
     in_ch = {"partialface": 27, "rgb": 3, "hfcf": 71}[config.kind]
     bcfg = BackboneConfig.from_dict({**config.backbone.to_dict(), "in_channels": in_ch})
-    # channels-last: oneDNN's convolutions run ~1.3x faster in that layout on this CPU.
-    model = Backbone(bcfg).to(memory_format=torch.channels_last)
+    model = Backbone(bcfg)
+    if channels_last_trainable(bcfg):
+        # oneDNN's convolutions run ~1.3x faster in that layout on the CPUs measured
+        model = model.to(memory_format=torch.channels_last)
     arcface = ArcFace(
         bcfg.embedding_size, max(len(classes), 1), config.arcface_scale, config.arcface_margin
     )

@@ -49,7 +49,10 @@ def encode(array: np.ndarray, profile: ProtectionProfile) -> bytes:
 
 
 def decode(blob: bytes) -> tuple[dict, np.ndarray]:
-    """(header, array) from wire bytes; ProtectedInputError on anything malformed."""
+    """(header, array) from wire bytes; ProtectedInputError on anything malformed.
+
+    The array is a read-only view of ``blob``'s payload (no copy).
+    """
     if len(blob) < _PREFIX.size:
         raise ProtectedInputError("malformed", "too short to be a protected input")
     magic, version, n = _PREFIX.unpack_from(blob)
@@ -65,7 +68,7 @@ def decode(blob: bytes) -> tuple[dict, np.ndarray]:
         raise ProtectedInputError("malformed", f"unreadable header: {exc}") from None
     if dtype not in ALLOWED_DTYPES:
         raise ProtectedInputError("dtype", f"dtype {dtype!r} not allowed: {ALLOWED_DTYPES}")
-    payload = blob[_PREFIX.size + n :]
+    payload = memoryview(blob)[_PREFIX.size + n :]  # a view: slicing bytes copied 0.8 ms/face
     expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if len(payload) != expected:
         raise ProtectedInputError(

@@ -97,12 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", help="comma-separated variants to run (e.g. protected,teacher)")
     p.add_argument("--write-threshold", action="store_true",
                    help="store the FAR 1e-3 thresholds in the protected model's file")
-    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
-                   help="arithmetic of the models' convolutions (the service's model_precision)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto", "int8"], default="fp32",
+                   help="arithmetic of the models' convolutions (the service's model_precision;"
+                   " int8: the graph of privface quantize)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir")
     p.add_argument("--config")
     p.set_defaults(func="privface.model_commands:cmd_eval")
+
+    p = sub.add_parser("quantize", help="int8 graph of a model for model_precision = 'int8'")
+    p.add_argument("--model", default=None, help="model file (default: shipped); the int8 "
+                   "graph is written beside it as <stem>.int8.onnx")
+    p.add_argument("--data", default="../shared/data", help="folder holding lfw/")
+    p.add_argument("--images", type=int, default=256,
+                   help="training-split images to calibrate on (two views each)")
+    p.add_argument("--check", type=int, default=128,
+                   help="other training-split images to compare int8 with fp32 on")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir")
+    p.add_argument("--config")
+    p.set_defaults(func="privface.model_commands:cmd_quantize")
 
     # -- the service ----------------------------------------------------------------------
     p = sub.add_parser("serve", help="run the gRPC service (embedded PostgreSQL by default)")

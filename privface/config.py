@@ -59,9 +59,14 @@ class Settings:
     workers: int = 8
     #: torch intra-op threads for embedding on the server; 0 = min(4, CPU count)
     torch_threads: int = 0
-    #: arithmetic of the model's convolutions on the server: "fp32", "bf16" (autocast) or
-    #: "auto" (bf16 where the CPU has AMX tiles; see docs/model-card.md for its effect)
+    #: arithmetic of the model on the server: "fp32", "bf16" (autocast), "auto" (bf16 where
+    #: the CPU has AMX tiles) or "int8" (the <model>.int8.onnx graph that `privface
+    #: quantize` writes beside the model file); see docs/model-card.md for their effect
     model_precision: str = "fp32"
+    #: what runs the model on the server: "onnx" (ONNX Runtime: fp32 1.5x torch's views/s on
+    #: a 2-core AVX-512 CPU with the same embeddings, or int8), "torch" (fp32, bf16), or "auto"
+    #: (torch for bf16, else onnx)
+    model_runtime: str = "auto"
     #: FAISS (OpenMP) threads per single search; 1 is fastest under concurrent load
     #: (parallelism comes from the gRPC workers); 0 = OpenMP's default (all cores). Index
     #: builds and batch searches always use all cores

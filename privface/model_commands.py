@@ -202,3 +202,68 @@ def cmd_eval(args) -> int:
         print(f"model thresholds at FAR 1e-3: template {calib['threshold_template']:.4f}, "
               f"embedding {calib['threshold_embedding']:.4f}")
     return 0
+
+
+def _training_split_inputs(cache, info: dict, indices: np.ndarray, rng: np.random.Generator):
+    """Face + mirror of each image, a random rank per view, as the client would send."""
+    import torch
+
+    from enrollment.model_io import model_inputs, profile_for
+
+    profile = profile_for(info)
+    faces = torch.from_numpy(cache.images[indices].astype(np.float32)).permute(0, 3, 1, 2)
+    out = []
+    for view in (faces, faces.flip(-1)):
+        ranks = np.stack([rng.integers(0, len(profile.subsets), len(indices)),
+                          rng.integers(0, len(profile.permutations), len(indices))], 1)
+        out.append(model_inputs(view, info["kind"], profile, ranks))
+    return torch.cat(out)
+
+
+def cmd_quantize(args) -> int:
+    """int8 graph of a model, calibrated on training-split LFW faces (never folds 6-10)."""
+    import time
+
+    import torch
+
+    from enrollment import evaluation as ev
+    from enrollment import onnx_runtime
+    from enrollment.lfw_protocol import held_out_identities
+    from enrollment.model_io import DEFAULT_MODEL, embed, load_model
+
+    settings = load_settings(args.config)
+    model_path = Path(args.model or DEFAULT_MODEL)
+    model, info = load_model(model_path)
+    if info["kind"] != "partialface":
+        raise SystemExit(f"{model_path}: a {info['kind']} model; only protected-input "
+                         "models are served")
+    torch.set_num_threads(args.threads)
+    data = Path(args.data)
+    pairs_txt = str(data / "lfw" / "pairs.txt")
+    cache = ev.lfw_cache(data / "lfw", args.cache_dir or settings.cache_dir)
+    test_people = held_out_identities(pairs_txt)
+    allowed = np.flatnonzero([cache.identities[lab] not in test_people for lab in cache.labels])
+    rng = np.random.default_rng(args.seed)
+    chosen = rng.choice(allowed, args.images + args.check, replace=False)
+    calibration = _training_split_inputs(cache, info, chosen[: args.images], rng)
+    start = time.perf_counter()
+    graph = onnx_runtime.quantize_int8(model, calibration.numpy())
+    graph = onnx_runtime.with_metadata(
+        graph, **{onnx_runtime.SOURCE_KEY: onnx_runtime.file_sha256(model_path)},
+        privface_calibration=f"{len(calibration)} views (face + mirror, random rank) of "
+        f"{args.images} LFW training-split images, seed {args.seed}",
+    )
+    out = onnx_runtime.int8_path(model_path)
+    out.write_bytes(graph)
+    took = time.perf_counter() - start
+    check = _training_split_inputs(cache, info, chosen[args.images :], rng)
+    ref = embed(model, check)
+    got = onnx_runtime.load_int8(model_path, args.threads).embed(check)
+    cos = np.sum(ref * got, axis=1)
+    summary = {
+        "int8_model": str(out), "bytes": out.stat().st_size, "seconds": round(took, 1),
+        "calibration_views": len(calibration), "check_views": len(check),
+        "cosine_to_fp32_min": float(cos.min()), "cosine_to_fp32_mean": float(cos.mean()),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0

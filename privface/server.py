@@ -184,7 +184,8 @@ def build_server(settings: Settings, *, warm_up: bool = True) -> RunningServer:
         log.warning("tokens travel in clear text: configure tls_cert/tls_key for %s", host)
     # The model first: a missing model or threshold fails before any database starts.
     embedder = Embedder(settings.model_path or None, threads=settings.torch_threads,
-                        threshold=settings.threshold, precision=settings.model_precision)
+                        threshold=settings.threshold, precision=settings.model_precision,
+                        runtime=settings.model_runtime)
     set_search_threads(settings.index_threads)
     url, embedded = database_url(settings)
     try:

@@ -234,3 +234,13 @@ def test_fold_batchnorm_is_exact_in_eval_mode():
     n_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
     assert n_bn == len(TINY.blocks) and not folded.training  # only the units' leading BNs
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # copy, not in place
+
+
+def test_channels_last_only_for_widths_it_trains_correctly():
+    """torch 2.13 corrupts the heap training 8- or 12-channel stride-2 units channels-last
+    on an AVX-512 CPU: those widths train in the default layout."""
+    from enrollment.training import channels_last_trainable
+
+    assert channels_last_trainable(BackboneConfig(widths=(32, 64, 128, 256)))
+    assert not channels_last_trainable(TINY)
+    assert not channels_last_trainable(BackboneConfig(widths=(12, 24, 48, 96)))

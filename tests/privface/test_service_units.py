@@ -239,6 +239,58 @@ def test_embedder_precision(service_model, att_inputs):
         Embedder(service_model.path, precision="fp16", **kw)
 
 
+def test_embedder_runtimes(service_model, att_inputs):
+    """ONNX Runtime (the default for fp32) and torch give the same embeddings, so templates
+    stay comparable whichever ran; impossible combinations stop the start."""
+    from privface.embedding import Embedder
+
+    kw = {"threads": 1, "threshold": service_model.settings_threshold}
+    onnx, eager = Embedder(service_model.path, **kw), Embedder(service_model.path,
+                                                               runtime="torch", **kw)
+    assert (onnx.runtime, eager.runtime) == ("onnx", "torch")
+    assert Embedder(service_model.path, precision="bf16", **kw).runtime == "torch"
+    views = [onnx.decode(att_inputs[(s, 1)], "sample") for s in range(1, 7)]
+    np.testing.assert_allclose(onnx.embed(views), eager.embed(views), rtol=0, atol=2e-5)
+    assert load_settings(env={"PRIVFACE_MODEL_RUNTIME": "torch"}).model_runtime == "torch"
+    with pytest.raises(ValueError, match="model_runtime"):
+        Embedder(service_model.path, runtime="tensorrt", **kw)
+    with pytest.raises(ValueError, match="fp32 or int8"):
+        Embedder(service_model.path, runtime="onnx", precision="bf16", **kw)
+    with pytest.raises(ValueError, match="ONNX Runtime"):
+        Embedder(service_model.path, runtime="torch", precision="int8", **kw)
+
+
+def test_embedder_int8(service_model, att_inputs, tmp_path):
+    """The int8 graph (privface quantize) embeds close to fp32, so int8 probes search fp32
+    templates; a graph quantised from another model file is refused at start."""
+    import shutil
+
+    from enrollment import onnx_runtime
+    from enrollment.model_io import load_model, update_meta
+    from privface.embedding import Embedder
+
+    kw = {"threads": 1, "threshold": service_model.settings_threshold}
+    path = service_model.path
+    if not onnx_runtime.int8_path(path).exists():  # the tiny stand-in: quantise a copy here
+        path = shutil.copy(path, tmp_path / "model.pt")
+        fp32 = Embedder(path, runtime="torch", **kw)
+        calibration = np.concatenate([fp32.decode(att_inputs[(s, 2)], "c") for s in range(1, 17)])
+        graph = onnx_runtime.quantize_int8(load_model(path)[0], calibration.astype(np.float32))
+        onnx_runtime.int8_path(path).write_bytes(onnx_runtime.with_metadata(
+            graph, **{onnx_runtime.SOURCE_KEY: onnx_runtime.file_sha256(path)}))
+    e8, e32 = Embedder(path, precision="int8", **kw), Embedder(path, **kw)
+    assert (e8.precision, e8.runtime, e8.card.model_version) == (
+        "int8", "onnx", e32.card.model_version)
+    views = [e8.decode(att_inputs[(s, 1)], "sample") for s in range(20, 30)]
+    a, b = e8.embed(views), e32.embed(views)
+    assert np.sum(a * b, axis=1).min() > 0.99
+    assert not np.allclose(a, b, atol=1e-4)
+    other = shutil.copy(path, tmp_path / "other.pt")
+    shutil.copy(onnx_runtime.int8_path(path), onnx_runtime.int8_path(other))
+    update_meta(other, note="recalibrated")  # e.g. eval --write-threshold after quantize
+    with pytest.raises(ValueError, match="another version"):
+        Embedder(other, precision="int8", **kw)
+
 
 def test_embedder_keeps_float16_until_the_model(service_model, att_inputs):
     from privface.embedding import Embedder
