@@ -112,7 +112,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model_version", "profile", "profile_version", "profile_digest", "embedding_dim", "template_dim", "default_threshold", "threshold_source", "template_key_id", "max_message_bytes", "max_views_per_input", "principal", "roles")
+    __slots__ = ("model_version", "profile", "profile_version", "profile_digest", "embedding_dim", "template_dim", "default_threshold", "threshold_source", "template_key_id", "max_message_bytes", "max_views_per_input", "principal", "roles", "model_runtime")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     PROFILE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class ServerInfo(_message.Message):
     MAX_VIEWS_PER_INPUT_FIELD_NUMBER: _ClassVar[int]
     PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     ROLES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_RUNTIME_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     profile: str
     profile_version: int
@@ -139,7 +140,8 @@ class ServerInfo(_message.Message):
     max_views_per_input: int
     principal: str
     roles: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_version: _Optional[str] = ..., profile: _Optional[str] = ..., profile_version: _Optional[int] = ..., profile_digest: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., template_dim: _Optional[int] = ..., default_threshold: _Optional[float] = ..., threshold_source: _Optional[str] = ..., template_key_id: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_views_per_input: _Optional[int] = ..., principal: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ...) -> None: ...
+    model_runtime: str
+    def __init__(self, model_version: _Optional[str] = ..., profile: _Optional[str] = ..., profile_version: _Optional[int] = ..., profile_digest: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., template_dim: _Optional[int] = ..., default_threshold: _Optional[float] = ..., threshold_source: _Optional[str] = ..., template_key_id: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_views_per_input: _Optional[int] = ..., principal: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., model_runtime: _Optional[str] = ...) -> None: ...
 
 class Sample(_message.Message):
     __slots__ = ("sample_id", "model_version", "profile_name", "profile_version", "template_key_id", "created_at")
