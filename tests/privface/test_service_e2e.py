@@ -138,7 +138,15 @@ def test_quickstart_embedded_postgres(tmp_path, service_model, att_dir, capsys, 
         assert code == 0 and answer["decision"] in ("MATCH", "NO_MATCH")
         assert {c["subject_id"] for c in answer["candidates"]} == {"s1", "s2", "s3", "s4"}
         if service_model.shipped:
-            assert answer["candidates"][0]["subject_id"] == "s1"
+            # The right person first for most of s1's other images: each call draws fresh
+            # random ranks and the quick-start key is new every run, so a single hard probe
+            # loses to s2 now and then (1 CI run in ~11); 3 of 5 is stable and still fails
+            # for a model that cannot tell these people apart.
+            top = []
+            for i in (6, 7, 8, 9, 10):
+                code, out = _cli(capsys, "identify", *common, img(1, i), "--json")
+                top.append(json.loads(out)["candidates"][0]["subject_id"])
+            assert top.count("s1") >= 3, top
         code, out = _cli(capsys, "identify", *common, img(1, 7))
         assert code == 0 and ("MATCH" in out)
 
