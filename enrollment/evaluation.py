@@ -48,15 +48,8 @@ def model_embedder(
     """
     model, info = _load(str(path))
     profile = profile_for(info)
-    if precision == "int8":  # the service's int8 graph (privface quantize), ONNX Runtime
-        int8 = onnx_runtime.load_int8(path, torch.get_num_threads())
-
-        def embed_views(x: torch.Tensor) -> np.ndarray:
-            return int8.embed(x)
-    else:
-
-        def embed_views(x: torch.Tensor) -> np.ndarray:
-            return embed(model, x, precision=precision)
+    # int8: the service's int8 graph (privface quantize) under ONNX Runtime
+    int8 = onnx_runtime.load_int8(path, torch.get_num_threads()) if precision == "int8" else None
 
     def ranks_for(n: int, rng: np.random.Generator) -> np.ndarray | None:
         if info["kind"] != "partialface":
@@ -88,7 +81,8 @@ def model_embedder(
             total = 0
             for v in views:
                 x = model_inputs(v, info["kind"], profile, ranks_for(len(chunk), rng))
-                total = total + embed_views(x)
+                e = int8.embed(x) if int8 else embed(model, x, precision=precision)
+                total = total + e
             out.append(total / np.linalg.norm(total, axis=1, keepdims=True))
         return np.concatenate(out)
 

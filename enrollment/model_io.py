@@ -6,6 +6,7 @@ input with a rank per face, fixed-rank, RGB), so training, evaluation and the se
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,6 +21,15 @@ from enrollment.profiles import ProtectionProfile, get_profile
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = WEIGHTS_DIR / "partialface-paper.pt"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a model file: what model versions and derived graphs are tied to."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def rank_table(profile: ProtectionProfile) -> np.ndarray:

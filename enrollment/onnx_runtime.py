@@ -14,7 +14,6 @@ With ``onnxruntime-gpu`` installed and a CUDA device, the CUDA execution provide
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import tempfile
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from enrollment.backbone import Backbone, fold_batchnorm
+from enrollment.model_io import file_sha256
 
 
 def available() -> bool:
@@ -184,14 +184,6 @@ def int8_path(model_path: str | os.PathLike) -> Path:
     return p.with_name(p.stem + ".int8.onnx")
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def with_metadata(graph: bytes, **values: str) -> bytes:
     """The graph with ``values`` added to its metadata (read back as OnnxModel.metadata)."""
     import onnx
@@ -203,8 +195,18 @@ def with_metadata(graph: bytes, **values: str) -> bytes:
     return proto.SerializeToString()
 
 
-def load_int8(model_path: str | os.PathLike, threads: int = 1) -> OnnxModel:
-    """The int8 graph of ``model_path``, refused if it was quantised from another file."""
+def save_int8(model_path: str | os.PathLike, graph: bytes, **meta: str) -> Path:
+    """Write ``graph`` as the int8 graph of ``model_path``, stamped with that file's hash."""
+    out = int8_path(model_path)
+    out.write_bytes(with_metadata(graph, **{SOURCE_KEY: file_sha256(model_path)}, **meta))
+    return out
+
+
+def load_int8(
+    model_path: str | os.PathLike, threads: int = 1, source_sha256: str | None = None
+) -> OnnxModel:
+    """The int8 graph of ``model_path``, refused if it was quantised from another file
+    (``source_sha256``: the model file's hash, when the caller already has it)."""
     path = int8_path(model_path)
     if not path.exists():
         raise FileNotFoundError(
@@ -212,7 +214,7 @@ def load_int8(model_path: str | os.PathLike, threads: int = 1) -> OnnxModel:
             f"{model_path})"
         )
     model = OnnxModel(path.read_bytes(), threads)
-    if model.metadata.get(SOURCE_KEY) != file_sha256(model_path):
+    if model.metadata.get(SOURCE_KEY) != (source_sha256 or file_sha256(model_path)):
         raise ValueError(
             f"{path} was quantised from another version of {Path(model_path).name}; re-run "
             f"privface quantize --model {model_path}"

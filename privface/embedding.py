@@ -11,11 +11,10 @@ threads would otherwise each spawn a full thread pool and oversubscribe the CPU.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,14 @@ import torch
 
 from enrollment import onnx_runtime, wire
 from enrollment.backbone import fold_batchnorm
-from enrollment.model_io import DEFAULT_MODEL, PRECISIONS, embed, load_model, resolve_precision
+from enrollment.model_io import (
+    DEFAULT_MODEL,
+    PRECISIONS,
+    embed,
+    file_sha256,
+    load_model,
+    resolve_precision,
+)
 from enrollment.profiles import ProtectionProfile, get_profile
 from privface.errors import ServiceError
 
@@ -42,14 +48,10 @@ RUNTIMES = ("auto", "onnx", "torch")
 THRESHOLD_META_KEY = "threshold_far_1e-3"
 
 
-def model_version_of(path: str | os.PathLike[str]) -> str:
+def model_version_of(path: str | os.PathLike[str], sha256: str | None = None) -> str:
     """``<file stem>@<first 12 hex of the file's SHA-256>``: recorded with every template,
     so templates of a retrained model are never compared with those of another."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return f"{Path(path).stem}@{h.hexdigest()[:12]}"
+    return f"{Path(path).stem}@{(sha256 or file_sha256(path))[:12]}"
 
 
 @dataclass(frozen=True)
@@ -67,15 +69,14 @@ class ModelCard:
 
 
 def resolve_runtime(runtime: str, precision: str) -> str:
-    """``auto`` is ONNX Runtime for fp32 (1.5x the views/s of torch on this CPU, same
-    embeddings) and int8 (its quantised graph), torch for bf16, whose autocast ONNX Runtime
-    has no counterpart of."""
+    """``auto`` is torch for bf16 (ONNX Runtime has no counterpart of its autocast), ONNX
+    Runtime otherwise: fp32 at 1.5x torch's views/s on this CPU with the same embeddings,
+    int8 through its quantised graph; fp32 falls back to torch without onnxruntime."""
     if runtime not in RUNTIMES:
         raise ValueError(f"model_runtime must be one of {RUNTIMES}, not {runtime!r}")
     if runtime == "auto":
-        runtime = "torch" if precision == "bf16" else "onnx"
-        if runtime == "onnx" and precision == "fp32" and not onnx_runtime.available():
-            return "torch"
+        fallback = precision == "bf16" or (precision == "fp32" and not onnx_runtime.available())
+        runtime = "torch" if fallback else "onnx"
     if runtime == "onnx" and precision == "bf16":
         raise ValueError("model_runtime 'onnx' runs fp32 or int8; set model_runtime = "
                          "'torch' for bf16")
@@ -132,9 +133,10 @@ class Embedder:
             )
         meta = info.get("meta") or {}
         value, source = resolve_threshold(meta, threshold)
+        sha256 = file_sha256(model_path)  # once: the model version and the int8 graph's check
         self.card = ModelCard(
             path=str(model_path),
-            model_version=model_version_of(model_path),
+            model_version=model_version_of(model_path, sha256),
             kind=info["kind"],
             profile=get_profile(info["profile"]),
             embedding_dim=int(model.config.embedding_size),
@@ -145,16 +147,17 @@ class Embedder:
         threads = threads or max(1, min(4, os.cpu_count() or 1))
         torch.set_num_threads(threads)
         if self.runtime == "onnx":
-            self._onnx: onnx_runtime.OnnxModel | None = (
-                onnx_runtime.load_int8(model_path, threads) if self.precision == "int8"
-                else onnx_runtime.OnnxModel.of(model, threads)
-            )
-            where = f"onnxruntime {self._onnx.provider} {self.precision}"
+            graph = (onnx_runtime.load_int8(model_path, threads, sha256)
+                     if self.precision == "int8" else onnx_runtime.OnnxModel.of(model, threads))
+            self._embed_views: Callable[[np.ndarray], np.ndarray] = (
+                lambda x: graph.embed(x, batch_size=BATCH))
+            where = f"onnxruntime {graph.provider} {self.precision}"
         else:
             # conv->BN pairs folded for serving: exact, ~6% more views/s on 2 threads
             # (measured); the folded weights keep load_model's channels-last layout
-            self._model = fold_batchnorm(model)
-            self._onnx = None
+            folded = fold_batchnorm(model)
+            self._embed_views = lambda x: embed(folded, torch.from_numpy(x), batch_size=BATCH,
+                                                precision=self.precision)
             where = f"torch {self.precision}"
         self._digest = self.card.profile.digest()  # asdict + JSON + SHA-256: once, not per view
         self._lock = threading.Lock()
@@ -166,8 +169,8 @@ class Embedder:
 
     def decode(self, blob: bytes, what: str) -> np.ndarray:
         """Fully validated views of one protected input (views, C, H, W), in the dtype it was
-        sent in: float16 stays float16 until the model converts each batch (through torch,
-        vectorised), which halves the bytes copied per request."""
+        sent in: float16 stays float16 until the model widens each batch (inside the ONNX
+        graph, or through torch), which halves the bytes copied per request."""
         profile = self.card.profile
         if not blob:
             raise ServiceError("INVALID_ARGUMENT", f"{what}: the protected input is empty",
@@ -211,12 +214,9 @@ class Embedder:
             return np.empty((0, self.card.embedding_dim), np.float32)
         counts = [len(a) for a in inputs]
         dtype = np.float16 if all(a.dtype == np.float16 for a in inputs) else np.float32
-        x = torch.from_numpy(np.concatenate(inputs, dtype=dtype))
+        x = np.concatenate(inputs, dtype=dtype)
         with self._lock:
-            if self._onnx is not None:
-                views = self._onnx.embed(x, batch_size=BATCH)
-            else:
-                views = embed(self._model, x, batch_size=BATCH, precision=self.precision)
+            views = self._embed_views(x)
         out = np.add.reduceat(views.astype(np.float64), np.cumsum([0, *counts[:-1]]), axis=0)
         out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out.astype(np.float32)

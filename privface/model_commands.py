@@ -204,20 +204,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _training_split_inputs(cache, info: dict, indices: np.ndarray, rng: np.random.Generator):
-    """Face + mirror of each image, a random rank per view, as the client would send."""
-    import torch
+def _client_views(cache, indices: np.ndarray, profile, rng: np.random.Generator) -> np.ndarray:
+    """Exactly what the client sends for these faces (face + mirror, a random rank each,
+    float16), as the arrays the server decodes."""
+    from enrollment import wire
+    from privface.client import protect_many
 
-    from enrollment.model_io import model_inputs, profile_for
-
-    profile = profile_for(info)
-    faces = torch.from_numpy(cache.images[indices].astype(np.float32)).permute(0, 3, 1, 2)
-    out = []
-    for view in (faces, faces.flip(-1)):
-        ranks = np.stack([rng.integers(0, len(profile.subsets), len(indices)),
-                          rng.integers(0, len(profile.permutations), len(indices))], 1)
-        out.append(model_inputs(view, info["kind"], profile, ranks))
-    return torch.cat(out)
+    blobs = protect_many(cache.images[indices], profile, rng=rng)
+    return np.concatenate([wire.decode(b)[1] for b in blobs])
 
 
 def cmd_quantize(args) -> int:
@@ -229,7 +223,7 @@ def cmd_quantize(args) -> int:
     from enrollment import evaluation as ev
     from enrollment import onnx_runtime
     from enrollment.lfw_protocol import held_out_identities
-    from enrollment.model_io import DEFAULT_MODEL, embed, load_model
+    from enrollment.model_io import DEFAULT_MODEL, embed, load_model, profile_for
 
     settings = load_settings(args.config)
     model_path = Path(args.model or DEFAULT_MODEL)
@@ -237,6 +231,7 @@ def cmd_quantize(args) -> int:
     if info["kind"] != "partialface":
         raise SystemExit(f"{model_path}: a {info['kind']} model; only protected-input "
                          "models are served")
+    profile = profile_for(info)
     torch.set_num_threads(args.threads)
     data = Path(args.data)
     pairs_txt = str(data / "lfw" / "pairs.txt")
@@ -245,19 +240,17 @@ def cmd_quantize(args) -> int:
     allowed = np.flatnonzero([cache.identities[lab] not in test_people for lab in cache.labels])
     rng = np.random.default_rng(args.seed)
     chosen = rng.choice(allowed, args.images + args.check, replace=False)
-    calibration = _training_split_inputs(cache, info, chosen[: args.images], rng)
+    calibration = _client_views(cache, chosen[: args.images], profile, rng)
     start = time.perf_counter()
-    graph = onnx_runtime.quantize_int8(model, calibration.numpy())
-    graph = onnx_runtime.with_metadata(
-        graph, **{onnx_runtime.SOURCE_KEY: onnx_runtime.file_sha256(model_path)},
+    graph = onnx_runtime.quantize_int8(model, calibration.astype(np.float32))
+    out = onnx_runtime.save_int8(
+        model_path, graph,
         privface_calibration=f"{len(calibration)} views (face + mirror, random rank) of "
         f"{args.images} LFW training-split images, seed {args.seed}",
     )
-    out = onnx_runtime.int8_path(model_path)
-    out.write_bytes(graph)
     took = time.perf_counter() - start
-    check = _training_split_inputs(cache, info, chosen[args.images :], rng)
-    ref = embed(model, check)
+    check = _client_views(cache, chosen[args.images :], profile, rng)
+    ref = embed(model, torch.from_numpy(check))
     got = onnx_runtime.load_int8(model_path, args.threads).embed(check)
     cos = np.sum(ref * got, axis=1)
     summary = {

@@ -70,10 +70,7 @@ def test_int8_graph_tracks_the_float_model(model, tmp_path):
     with pytest.raises(FileNotFoundError, match="privface quantize"):
         onnx_runtime.load_int8(path)
     graph = onnx_runtime.quantize_int8(model, frequency_like(32, seed=2).numpy())
-    onnx_runtime.int8_path(path).write_bytes(
-        onnx_runtime.with_metadata(graph, **{onnx_runtime.SOURCE_KEY:
-                                            onnx_runtime.file_sha256(path)})
-    )
+    onnx_runtime.save_int8(path, graph)
     int8 = onnx_runtime.load_int8(path)
     x = frequency_like(8, seed=3)
     ref = embed(model, x)

@@ -276,8 +276,7 @@ def test_embedder_int8(service_model, att_inputs, tmp_path):
         fp32 = Embedder(path, runtime="torch", **kw)
         calibration = np.concatenate([fp32.decode(att_inputs[(s, 2)], "c") for s in range(1, 17)])
         graph = onnx_runtime.quantize_int8(load_model(path)[0], calibration.astype(np.float32))
-        onnx_runtime.int8_path(path).write_bytes(onnx_runtime.with_metadata(
-            graph, **{onnx_runtime.SOURCE_KEY: onnx_runtime.file_sha256(path)}))
+        onnx_runtime.save_int8(path, graph)
     e8, e32 = Embedder(path, precision="int8", **kw), Embedder(path, **kw)
     assert (e8.precision, e8.runtime, e8.card.model_version) == (
         "int8", "onnx", e32.card.model_version)
