@@ -95,6 +95,24 @@ def draw_ranks(
     return np.stack([rng.integers(0, n_subsets, n), rng.integers(0, n_permutations, n)], axis=1)
 
 
+def draw_view_ranks(
+    n_faces: int,
+    n_views: int,
+    rng: np.random.Generator,
+    n_subsets: int = 6,
+    n_permutations: int = 6,
+) -> np.ndarray:
+    """(n_faces * n_views, 2) ranks, face-major, where the views of one face share a subset.
+
+    The views of a face (the face and its mirror image) carry the same frequencies: a
+    mirror's coefficient map (u, v) is the face's, mirrored, times (-1)^v. Protected with
+    two different subsets they would hand the server 18 of the 54 kept coefficients per
+    plane of one face instead of 9, so only the permutation is drawn per view.
+    """
+    subsets = np.repeat(rng.integers(0, n_subsets, n_faces), n_views)
+    return np.stack([subsets, rng.integers(0, n_permutations, n_faces * n_views)], axis=1)
+
+
 def full_transform(images, factor: int = 8, dtype=None) -> np.ndarray:
     """All 192 channels (64c + k) of the up-sampled YCbCr block DCT, before pruning.
 

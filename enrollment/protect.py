@@ -29,20 +29,25 @@ def protect_faces(
     profile: ProtectionProfile,
     ranks: np.ndarray | tuple[int, int] | None = None,
     rng: np.random.Generator | None = None,
+    views_per_face: int = 1,
 ) -> np.ndarray:
     """(N, C, H, W) protected inputs, in the profile's wire dtype, of aligned 112x112 faces.
 
     PartialFace: ``ranks`` fixes the (subset, permutation) of the whole batch or of each face;
-    otherwise each face gets its own uniformly random rank from ``rng``.
+    otherwise each face gets its own uniformly random rank from ``rng``.  With
+    ``views_per_face`` = V, consecutive groups of V images are views of one face (the face
+    and its mirror) and share the drawn subset (:func:`partialface.draw_view_ranks`).
     """
     faces = np.asarray(faces)
     if faces.ndim in (2, 3) and faces.shape[:2] == (112, 112):
         faces = faces[None]
     if profile.method == "partialface":
         if ranks is None:
-            rng = rng or np.random.default_rng()
-            ranks = partialface.draw_ranks(
-                len(faces), rng, len(profile.subsets), len(profile.permutations)
+            if len(faces) % views_per_face:
+                raise ValueError(f"{len(faces)} images are not groups of {views_per_face} views")
+            ranks = partialface.draw_view_ranks(
+                len(faces) // views_per_face, views_per_face, rng or np.random.default_rng(),
+                len(profile.subsets), len(profile.permutations),
             )
         out = partialface.protect(
             faces, ranks, profile.factor, profile.subsets, profile.permutations

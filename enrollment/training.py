@@ -64,6 +64,11 @@ class TrainConfig:
     greyscale_p: float = 0.2
     flip_p: float = 0.5
     shift_px: int = 3
+    # random similarity jitter (p, max rotation in degrees, max relative scale change): the
+    # alignment's own errors on real cameras, and views of each image the student has not seen
+    affine_p: float = 0.0
+    affine_degrees: float = 10.0
+    affine_scale: float = 0.1
     val_identities: int = 60
     seed: int = 0
     limit_identities: int | None = None
@@ -199,7 +204,30 @@ def augment(images: np.ndarray, config: TrainConfig, rng: np.random.Generator) -
     grey = rng.random(len(x)) < config.greyscale_p
     if grey.any():
         x[grey] = (x[grey] @ GREY)[..., None]
-    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    out = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    # (no draw at all without jitter: earlier runs' random streams stay reproducible)
+    jitter = np.flatnonzero(rng.random(len(x)) < config.affine_p) if config.affine_p else []
+    if len(jitter):  # rotation and rescaling: the teacher's target stays the unperturbed one
+        degrees = rng.uniform(-config.affine_degrees, config.affine_degrees, len(jitter))
+        scales = rng.uniform(1 - config.affine_scale, 1 + config.affine_scale, len(jitter))
+        out[jitter] = similarity_warp(out[jitter], degrees, scales)
+    return out
+
+
+def similarity_warp(faces: torch.Tensor, degrees: np.ndarray, scales: np.ndarray) -> torch.Tensor:
+    """(N, C, H, W) faces rotated (counter-clockwise on screen) about the centre and scaled,
+    bilinear, borders repeated."""
+    angle = np.deg2rad(np.asarray(degrees, np.float64))
+    scale = np.asarray(scales, np.float64)
+    cos, sin = np.cos(angle) / scale, np.sin(angle) / scale  # output -> input coordinates
+    theta = np.zeros((len(faces), 2, 3), np.float32)
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+    grid = nn.functional.affine_grid(torch.from_numpy(theta), list(faces.shape),
+                                     align_corners=False)
+    return nn.functional.grid_sample(faces, grid, mode="bilinear", padding_mode="border",
+                                     align_corners=False)
+    return nn.functional.grid_sample(faces, grid, mode="bilinear", padding_mode="border",
+                                     align_corners=False)
 
 
 def draw(n: int, config: TrainConfig, rng: np.random.Generator) -> np.ndarray | None:

@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-weight", type=float, default=1.0)
     p.add_argument("--arcface-weight", type=float, default=0.0)
     p.add_argument("--greyscale-p", type=float, default=0.2)
+    p.add_argument("--affine-p", type=float, default=0.0,
+                   help="share of samples rotated and rescaled at random (similarity jitter)")
+    p.add_argument("--affine-degrees", type=float, default=10.0)
+    p.add_argument("--affine-scale", type=float, default=0.1, help="max relative scale change")
     p.add_argument("--val-identities", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit-identities", type=int, help="first N identities of each set")
@@ -95,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flip", action="store_true", help="no flip test-time augmentation")
     p.add_argument("--greyscale", action="store_true", help="models see greyscale faces")
     p.add_argument("--only", help="comma-separated variants to run (e.g. protected,teacher)")
+    p.add_argument("--draws", type=int, default=1,
+                   help="lfw: also the protected model's mean accuracy over N draws of the "
+                   "random ranks (seeds SEED..SEED+N-1)")
     p.add_argument("--write-threshold", action="store_true",
                    help="store the FAR 1e-3 thresholds in the protected model's file")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto", "int8"], default="fp32",

@@ -1,9 +1,10 @@
 """Client library: protect faces on the caller's side and call the privface service.
 
 Only protected inputs leave the client. A capture becomes one :class:`ProtectedInput`
-holding two views by default — the aligned face and its mirror image, each protected with
-its own random rank — which the server embeds and averages (the flip test-time augmentation
-the model card's threshold is measured with)::
+holding two views by default — the aligned face and its mirror image, protected with one
+random subset of frequencies and a random permutation each (a mirror carries the same
+frequencies, so a second subset would reveal more of the face) — which the server embeds and
+averages (the flip test-time augmentation the model card's threshold is measured with)::
 
     from privface.client import PrivfaceClient, protect_image
     with PrivfaceClient("127.0.0.1:50051", token="...") as client:
@@ -87,7 +88,9 @@ def protect_face(
         raise ValueError(f"expected an aligned (112, 112, 3) uint8 face, got {face.shape} "
                          f"{face.dtype}")
     views = np.stack([face, face[:, ::-1]]) if flip else face[None]
-    return wire.encode(protect_faces(np.ascontiguousarray(views), profile, rng=rng), profile)
+    protected = protect_faces(np.ascontiguousarray(views), profile, rng=rng,
+                              views_per_face=len(views))
+    return wire.encode(protected, profile)
 
 
 def protect_many(
@@ -114,13 +117,13 @@ def protect_many(
         gens = rngs if rngs is not None else [rng or np.random.default_rng()] * n
         return [protect_face(f, profile, flip=flip, rng=g) for f, g in zip(faces, gens,
                                                                            strict=True)]
-    from enrollment.partialface import draw_ranks
+    from enrollment.partialface import draw_view_ranks
 
     sizes = (len(profile.subsets), len(profile.permutations))
     if rngs is not None:
-        ranks = np.concatenate([draw_ranks(v, g, *sizes) for g in rngs])
+        ranks = np.concatenate([draw_view_ranks(1, v, g, *sizes) for g in rngs])
     else:
-        ranks = draw_ranks(n * v, rng or np.random.default_rng(), *sizes)
+        ranks = draw_view_ranks(n, v, rng or np.random.default_rng(), *sizes)
     flat = views.reshape(n * v, 112, 112, 3)
     out: list[bytes] = []
     step = PROTECT_CHUNK * v  # bounded memory: 27x112x112 float32 is 1.3 MB per view

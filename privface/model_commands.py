@@ -43,6 +43,9 @@ def cmd_train(args) -> int:
         distill_weight=args.distill_weight,
         arcface_weight=args.arcface_weight,
         greyscale_p=args.greyscale_p,
+        affine_p=args.affine_p,
+        affine_degrees=args.affine_degrees,
+        affine_scale=args.affine_scale,
         seed=args.seed,
         limit_identities=args.limit_identities,
         threads=args.threads,
@@ -141,6 +144,16 @@ def cmd_eval(args) -> int:
             )
         if spread:
             print(f"spread across subsets: {summary['subset_spread'] * 100:.2f} points")
+        if args.draws > 1 and "protected" in results:
+            draws = ev.rank_draws(
+                _models(args)["protected"], cache, pairs_txt,
+                [args.seed + k for k in range(args.draws)],
+                known={args.seed: results["protected"]["accuracy"]}, flip=not args.no_flip,
+                greyscale=args.greyscale, precision=args.precision,
+            )
+            summary["protected_rank_draws"] = draws
+            print(f"protected over {args.draws} rank draws: {draws['mean'] * 100:.2f}% "
+                  f"(draw-to-draw std {draws['std'] * 100:.2f})")
         if args.plot:
             _plot(
                 args.plot,
@@ -192,7 +205,8 @@ def cmd_eval(args) -> int:
                 "threshold_far_1e-3": calib["threshold_template"],
                 "threshold_far_1e-3_embedding": calib["threshold_embedding"],
                 "threshold_calibration": f"{calib['impostor_pairs']} random different-identity "
-                "pairs of LFW folds 6-10 images, random rank per image, flip TTA",
+                "pairs of LFW folds 6-10 images, random subset per image (shared by its "
+                "mirror), flip TTA",
                 "lfw_accuracy": results["protected"]["accuracy"],
             },
         )
@@ -205,8 +219,8 @@ def cmd_eval(args) -> int:
 
 
 def _client_views(cache, indices: np.ndarray, profile, rng: np.random.Generator) -> np.ndarray:
-    """Exactly what the client sends for these faces (face + mirror, a random rank each,
-    float16), as the arrays the server decodes."""
+    """Exactly what the client sends for these faces (face + mirror: one random subset, a
+    random permutation each; float16), as the arrays the server decodes."""
     from enrollment import wire
     from privface.client import protect_many
 
@@ -245,8 +259,8 @@ def cmd_quantize(args) -> int:
     graph = onnx_runtime.quantize_int8(model, calibration.astype(np.float32))
     out = onnx_runtime.save_int8(
         model_path, graph,
-        privface_calibration=f"{len(calibration)} views (face + mirror, random rank) of "
-        f"{args.images} LFW training-split images, seed {args.seed}",
+        privface_calibration=f"{len(calibration)} views (face + mirror, random subset, "
+        f"permutation per view) of {args.images} LFW training-split images, seed {args.seed}",
     )
     took = time.perf_counter() - start
     check = _client_views(cache, chosen[args.images :], profile, rng)

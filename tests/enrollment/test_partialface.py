@@ -141,3 +141,21 @@ def test_greyscale_input_has_no_colour():
     out = pf.protect(grey, (0, 0))
     assert out.shape == (1, 27, 112, 112)
     assert np.abs(out[0, 9:]).max() < 1e-3  # Cb = Cr = 0 after the shift
+
+
+def test_mirror_carries_the_same_frequencies(aligned_faces):
+    """Why the views of a face share a subset: the mirror's map (u, v) is the face's,
+    mirrored, times (-1)^v, so a second subset would reveal other coefficients of the face."""
+    face = aligned_faces[0]
+    full, mirror = pf.full_transform(face)[0], pf.full_transform(face[:, ::-1].copy())[0]
+    v = np.arange(192) % 8
+    want = full[:, :, ::-1] * np.where(v % 2, -1.0, 1.0)[:, None, None]
+    np.testing.assert_allclose(mirror, want, atol=1e-3 * np.abs(full).max())
+
+
+def test_views_of_a_face_share_its_subset():
+    ranks = pf.draw_view_ranks(200, 2, np.random.default_rng(3))
+    pairs = ranks.reshape(200, 2, 2)
+    assert (pairs[:, 0, 0] == pairs[:, 1, 0]).all()  # one subset per face
+    assert len(set(pairs[:, 0, 0])) == 6  # all subsets drawn
+    assert (pairs[:, 0, 1] != pairs[:, 1, 1]).mean() > 0.7  # permutations drawn per view

@@ -149,6 +149,12 @@ def test_evaluation_on_a_handful_of_pairs(tiny_run, tmp_path):
     assert mapped["accuracy"] >= 0.8  # one gallery key keeps who is who
     subject = ev.verification(ev.teacher_embedder(cache), cache, str(pairs), mapping="subject")
     assert subject["accuracy"] >= mapped["accuracy"]  # impostors under their own keys
+    draws = ev.rank_draws(model, cache, str(pairs), [0, 1, 2])
+    assert draws["seeds"] == [0, 1, 2] and len(draws["accuracy"]) == 3
+    assert draws["mean"] == pytest.approx(np.mean(draws["accuracy"]))
+    first = ev.verification(ev.model_embedder(model, cache, 0), cache, str(pairs))["accuracy"]
+    assert draws["accuracy"][0] == first  # seed 0 is the plain protected variant
+    assert ev.rank_draws(model, cache, str(pairs), [0, 1], known={0: 0.5})["accuracy"][0] == 0.5
 
 
 def test_precision_choice():
@@ -244,3 +250,34 @@ def test_channels_last_only_for_widths_it_trains_correctly():
     assert channels_last_trainable(BackboneConfig(widths=(32, 64, 128, 256)))
     assert not channels_last_trainable(TINY)
     assert not channels_last_trainable(BackboneConfig(widths=(12, 24, 48, 96)))
+
+
+def test_similarity_warp_rotates_and_scales_about_the_centre():
+    import torch
+
+    from enrollment.training import similarity_warp
+
+    x = torch.rand(2, 3, 112, 112)
+    same = similarity_warp(x, np.zeros(2), np.ones(2))
+    assert (same - x).abs().max() < 1e-4
+    turned = similarity_warp(x, np.full(2, 90.0), np.ones(2))
+    assert (turned - torch.rot90(x, 1, (2, 3))).abs().max() < 1e-4
+    square = torch.zeros(1, 1, 112, 112)
+    square[..., 40:72, 40:72] = 1
+    shrunk = similarity_warp(square, np.zeros(1), np.full(1, 0.5))
+    assert abs(float(shrunk.sum() / square.sum()) - 0.25) < 0.01
+    assert shrunk[..., 56, 56] == 1 and shrunk[..., 40, 40] == 0  # centre kept, corner gone
+
+
+def test_augment_jitters_only_when_asked(aligned_faces):
+    from enrollment.training import augment
+
+    base = TrainConfig(data=[], out_dir="", cache_dir="", greyscale_p=0.0, flip_p=0.0,
+                       shift_px=0)
+    faces = np.asarray(aligned_faces[:4])
+    plain = augment(faces, base, np.random.default_rng(0))
+    assert (plain.permute(0, 2, 3, 1).numpy() == faces).all()
+    jittered = augment(faces, TrainConfig(**{**base.__dict__, "affine_p": 1.0}),
+                       np.random.default_rng(0))
+    assert jittered.shape == plain.shape
+    assert ((jittered - plain).abs().mean(dim=(1, 2, 3)) > 1).all()  # every face moved

@@ -221,6 +221,23 @@ def test_protect_many_matches_protect_face(aligned_faces):
     assert same[0] == same[1] != content_rng(b"img2", "p").integers(1 << 30)
 
 
+def test_face_and_mirror_reveal_one_subset(aligned_faces):
+    """Every channel of the mirror view is a channel of the face view, mirrored (up to sign
+    and float16 rounding): the server learns 9 coefficients per plane of a face, not 18."""
+    from enrollment import wire
+    from enrollment.profiles import get_profile
+    from privface.client import protect_many
+
+    profile = get_profile("partialface-paper")
+    blobs = protect_many(aligned_faces[:8], profile, rng=np.random.default_rng(5))
+    for blob in blobs:
+        views = np.asarray(wire.decode(blob)[1], np.float32)
+        face = np.abs(views[0][:, :, ::-1]).reshape(27, -1)
+        mirror = np.abs(views[1]).reshape(27, -1)
+        gap = np.abs(mirror[:, None] - face[None]).max(axis=2).min(axis=1)
+        assert (gap <= 2e-3 * face.max() + 0.05).all()
+
+
 def test_embedder_precision(service_model, att_inputs):
     """bf16 autocast (model_precision) gives the fp32 embeddings up to rounding, so templates
     made in either precision stay comparable; an unknown precision stops the start."""
