@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from enrollment import evaluation as ev
 from enrollment.lfw_protocol import held_out_pairs
-from enrollment.model_io import DEFAULT_MODEL, embed, model_inputs, profile_for
+from enrollment.model_io import DEFAULT_MODEL, embed, load_model, model_inputs, profile_for
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CACHE = Path(os.environ.get("PRIVFACE_BENCH_CACHE", "~/.cache/privface")).expanduser()
@@ -52,7 +52,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pairs_txt = str(Path(args.data) / "lfw" / "pairs.txt")
     cache = ev.lfw_cache(Path(args.data) / "lfw", CACHE)
-    model, info = ev._load(args.model)
+    model, info = load_model(args.model)
     profile = profile_for(info)
     where = cache.index()
     pairs = held_out_pairs(pairs_txt)

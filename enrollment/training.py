@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from enrollment import partialface
 from enrollment.backbone import Backbone, BackboneConfig, count_parameters
 from enrollment.face_cache import FaceCache, build_cache
 from enrollment.lfw_protocol import held_out_identities
@@ -226,8 +227,6 @@ def similarity_warp(faces: torch.Tensor, degrees: np.ndarray, scales: np.ndarray
                                      align_corners=False)
     return nn.functional.grid_sample(faces, grid, mode="bilinear", padding_mode="border",
                                      align_corners=False)
-    return nn.functional.grid_sample(faces, grid, mode="bilinear", padding_mode="border",
-                                     align_corners=False)
 
 
 def draw(n: int, config: TrainConfig, rng: np.random.Generator) -> np.ndarray | None:
@@ -236,9 +235,7 @@ def draw(n: int, config: TrainConfig, rng: np.random.Generator) -> np.ndarray | 
     if config.fixed_rank is not None:
         return np.tile(np.array(config.fixed_rank), (n, 1))
     p = get_profile(config.profile)
-    return np.stack(
-        [rng.integers(0, len(p.subsets), n), rng.integers(0, len(p.permutations), n)], axis=1
-    )
+    return partialface.draw_ranks(n, rng, len(p.subsets), len(p.permutations))
 
 
 def validate(model: Backbone, data: FaceCache, config: TrainConfig, pairs, same) -> float:

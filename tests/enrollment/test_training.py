@@ -270,6 +270,8 @@ def test_similarity_warp_rotates_and_scales_about_the_centre():
 
 
 def test_augment_jitters_only_when_asked(aligned_faces):
+    import dataclasses
+
     from enrollment.training import augment
 
     base = TrainConfig(data=[], out_dir="", cache_dir="", greyscale_p=0.0, flip_p=0.0,
@@ -277,7 +279,6 @@ def test_augment_jitters_only_when_asked(aligned_faces):
     faces = np.asarray(aligned_faces[:4])
     plain = augment(faces, base, np.random.default_rng(0))
     assert (plain.permute(0, 2, 3, 1).numpy() == faces).all()
-    jittered = augment(faces, TrainConfig(**{**base.__dict__, "affine_p": 1.0}),
-                       np.random.default_rng(0))
+    jittered = augment(faces, dataclasses.replace(base, affine_p=1.0), np.random.default_rng(0))
     assert jittered.shape == plain.shape
     assert ((jittered - plain).abs().mean(dim=(1, 2, 3)) > 1).all()  # every face moved
