@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from enrollment import identity_mapping as im
-from enrollment import onnx_runtime
+from enrollment import onnx_runtime, partialface
 from enrollment.face_cache import FaceCache, build_cache
 from enrollment.lfw_protocol import held_out_identities, held_out_pairs
 from enrollment.metrics import (
@@ -59,9 +59,12 @@ def model_embedder(
             return [None] * n_views
         if rank is not None:
             return [np.tile(np.array(rank), (n, 1))] * n_views
-        s = rng.integers(0, len(profile.subsets), n) if subset is None else np.full(n, subset)
-        return [np.stack([s, rng.integers(0, len(profile.permutations), n)], 1)
-                for _ in range(n_views)]
+        drawn = partialface.draw_view_ranks(
+            n, n_views, rng, len(profile.subsets), len(profile.permutations)
+        ).reshape(n, n_views, 2)
+        if subset is not None:
+            drawn[:, :, 0] = subset
+        return [drawn[:, v] for v in range(n_views)]
 
     memo: dict[bytes, np.ndarray] = {}
 

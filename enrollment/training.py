@@ -70,6 +70,9 @@ class TrainConfig:
     affine_p: float = 0.0
     affine_degrees: float = 10.0
     affine_scale: float = 0.1
+    # group DRO over the rank's subsets (Sagawa et al., ICLR 2020): step size of the
+    # exponentiated-gradient update of the subsets' loss weights; 0 = plain mean (all equal)
+    subset_dro: float = 0.0
     val_identities: int = 60
     seed: int = 0
     limit_identities: int | None = None
@@ -238,17 +241,51 @@ def draw(n: int, config: TrainConfig, rng: np.random.Generator) -> np.ndarray | 
     return partialface.draw_ranks(n, rng, len(p.subsets), len(p.permutations))
 
 
-def validate(model: Backbone, data: FaceCache, config: TrainConfig, pairs, same) -> float:
-    """Accuracy at the best threshold on held-out identities, a random rank per image."""
+def validate(
+    model: Backbone, data: FaceCache, config: TrainConfig, pairs, same, subset: int | None = None
+) -> float:
+    """Accuracy at the best threshold on held-out identities, a random rank per image (or a
+    random permutation of one fixed ``subset``)."""
     if len(pairs) == 0:
         return float("nan")
     rng = np.random.default_rng(config.seed + 99)
     faces = torch.from_numpy(data.images.astype(np.float32)).permute(0, 3, 1, 2)
     profile = get_profile(config.profile) if config.kind != "rgb" else None
-    inputs = model_inputs(faces, config.kind, profile, draw(len(faces), config, rng))
-    e = embed(model, inputs)
+    ranks = draw(len(faces), config, rng)
+    if subset is not None and ranks is not None:
+        ranks[:, 0] = subset
+    e = embed(model, model_inputs(faces, config.kind, profile, ranks))
     scores = np.sum(e[pairs[:, 0]] * e[pairs[:, 1]], axis=1)
     return float(np.mean((scores >= best_threshold(scores, same)) == same))
+
+
+def per_subset(config: TrainConfig) -> bool:
+    """Whether a run's samples carry a random subset (partialface with random ranks)."""
+    return config.kind == "partialface" and config.fixed_rank is None
+
+
+def subset_losses(per_sample: torch.Tensor, subsets: np.ndarray, n_subsets: int):
+    """(group mean losses (n_subsets,), presence mask): the mean loss of each subset's samples
+    in a batch; absent subsets get 0 and False."""
+    groups = torch.from_numpy(subsets).long()
+    counts = torch.bincount(groups, minlength=n_subsets).to(per_sample.dtype)
+    sums = torch.zeros(n_subsets, dtype=per_sample.dtype).index_add(0, groups, per_sample)
+    present = counts > 0
+    return sums / counts.clamp(min=1), present
+
+
+def dro_step(
+    weights: torch.Tensor, losses: torch.Tensor, present: torch.Tensor, eta: float
+) -> torch.Tensor:
+    """Group DRO's exponentiated-gradient step: subsets with a higher loss gain weight."""
+    w = weights * torch.exp(eta * losses.detach() * present)
+    return w / w.sum()
+
+
+def robust_mean(losses: torch.Tensor, present: torch.Tensor, weights: torch.Tensor):
+    """The weighted mean of the present subsets' losses (the plain mean for equal weights)."""
+    w = weights * present
+    return (w * losses).sum() / w.sum()
 
 
 def lr_at(step: int, total: int, config: TrainConfig) -> float:
@@ -301,6 +338,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     classes = {int(i): k for k, i in enumerate(ids[counts >= 2])}
     class_of = np.array([classes.get(int(lab), -1) for lab in data.labels])
 
+    n_subsets = len(get_profile(config.profile).subsets) if per_subset(config) else 0
+    dro_weights = torch.full((max(n_subsets, 1),), 1.0 / max(n_subsets, 1), dtype=torch.float64)
+
     in_ch = {"partialface": 27, "rgb": 3, "hfcf": 71}[config.kind]
     bcfg = BackboneConfig.from_dict({**config.backbone.to_dict(), "in_channels": in_ch})
     model = Backbone(bcfg)
@@ -343,6 +383,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         arcface.load_state_dict(ckpt["arcface"])
         opt.load_state_dict(ckpt["optimizer"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
+        if "dro_weights" in ckpt:
+            dro_weights = ckpt["dro_weights"]
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     summary = {
         "parameters": count_parameters(model),
@@ -360,6 +402,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         arcface.train()
         t0 = time.time()
         sums = {"loss": 0.0, "distill": 0.0, "arcface": 0.0}
+        subset_sums, subset_counts = np.zeros(max(n_subsets, 1)), np.zeros(max(n_subsets, 1))
         bar = tqdm(
             range(steps_per_epoch),
             desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -369,11 +412,12 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         for b in bar:
             idx = order[b * config.batch_size : (b + 1) * config.batch_size]
             faces = augment(data.images[idx], config, rng)
+            ranks = draw(len(idx), config, rng)
             x = model_inputs(
                 faces,
                 config.kind,
                 get_profile(config.profile) if config.kind != "rgb" else None,
-                draw(len(idx), config, rng),
+                ranks,
             )
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, config)
@@ -382,7 +426,15 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             with autocast(precision):
                 emb = model(x)
             emb = emb.float()
-            distill = (1 - nn.functional.cosine_similarity(emb, targets[idx])).mean()
+            per_sample = 1 - nn.functional.cosine_similarity(emb, targets[idx])
+            distill = per_sample.mean()
+            if n_subsets:
+                group, present = subset_losses(per_sample.double(), ranks[:, 0], n_subsets)
+                subset_sums += (group * present).detach().numpy()
+                subset_counts += present.numpy()
+                if config.subset_dro > 0:
+                    dro_weights = dro_step(dro_weights, group, present, config.subset_dro)
+                    distill = robust_mean(group, present, dro_weights).float()
             loss = config.distill_weight * distill
             arc = torch.zeros(())
             labelled = torch.from_numpy(class_of[idx])
@@ -395,7 +447,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             opt.step()
             step += 1
             sums["loss"] += loss.item()
-            sums["distill"] += distill.item()
+            sums["distill"] += per_sample.mean().item()
             sums["arcface"] += arc.item()
             if b % 10 == 0:
                 bar.set_postfix(
@@ -408,6 +460,16 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             "step": step,
             **{k: v / max(steps_per_epoch, 1) for k, v in sums.items()},
             "val_accuracy": val_acc,
+        }
+        if n_subsets:  # the subset balance: training loss and held-out accuracy per subset
+            record["distill_by_subset"] = (subset_sums / np.maximum(subset_counts, 1)).tolist()
+            record["val_accuracy_by_subset"] = [
+                validate(model, val, config, val_pairs, val_same, subset=s)
+                for s in range(n_subsets)
+            ]
+            if config.subset_dro > 0:
+                record["dro_weights"] = dro_weights.tolist()
+        record |= {
             "seconds": time.time() - t0,
             "img_per_s": steps_per_epoch * config.batch_size / (time.time() - t0),
         }
@@ -423,6 +485,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                 "optimizer": opt.state_dict(),
                 "epoch": epoch + 1,
                 "step": step,
+                "dro_weights": dro_weights,
             },
             tmp,
         )

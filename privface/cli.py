@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of samples rotated and rescaled at random (similarity jitter)")
     p.add_argument("--affine-degrees", type=float, default=10.0)
     p.add_argument("--affine-scale", type=float, default=0.1, help="max relative scale change")
+    p.add_argument("--subset-dro", type=float, default=0.0,
+                   help="group DRO step size over the rank's subsets (0: plain mean loss)")
     p.add_argument("--val-identities", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit-identities", type=int, help="first N identities of each set")

@@ -46,6 +46,7 @@ def cmd_train(args) -> int:
         affine_p=args.affine_p,
         affine_degrees=args.affine_degrees,
         affine_scale=args.affine_scale,
+        subset_dro=args.subset_dro,
         seed=args.seed,
         limit_identities=args.limit_identities,
         threads=args.threads,

@@ -282,3 +282,56 @@ def test_augment_jitters_only_when_asked(aligned_faces):
     jittered = augment(faces, dataclasses.replace(base, affine_p=1.0), np.random.default_rng(0))
     assert jittered.shape == plain.shape
     assert ((jittered - plain).abs().mean(dim=(1, 2, 3)) > 1).all()  # every face moved
+
+
+def test_subset_losses_are_the_group_means():
+    import torch
+
+    from enrollment.training import robust_mean, subset_losses
+
+    rng = np.random.default_rng(3)
+    per = rng.random(40)
+    subsets = rng.integers(0, 5, 40)  # subset 5 never drawn
+    means, present = subset_losses(torch.from_numpy(per), subsets, 6)
+    for s in range(6):
+        hit = subsets == s
+        assert bool(present[s]) == hit.any()
+        assert float(means[s]) == pytest.approx(per[hit].mean() if hit.any() else 0.0)
+    equal = torch.full((6,), 1 / 6, dtype=torch.float64)
+    assert float(robust_mean(means, present, equal)) == pytest.approx(
+        np.mean([per[subsets == s].mean() for s in range(5)])
+    )
+
+
+def test_dro_step_moves_weight_to_the_hardest_present_subset():
+    import torch
+
+    from enrollment.training import dro_step, robust_mean
+
+    w = torch.full((6,), 1 / 6, dtype=torch.float64)
+    losses = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.4, 0.3], dtype=torch.float64)
+    present = torch.tensor([True] * 5 + [False])
+    for _ in range(50):
+        w = dro_step(w, losses, present, eta=0.5)
+    assert float(w.sum()) == pytest.approx(1.0)
+    assert int(torch.argmax(w)) == 4
+    # an absent subset keeps its unnormalised weight while the others grow
+    assert float(w[5]) < float(w[0]) < float(w[4])
+    assert float(robust_mean(losses, present, w)) > float(losses[present].mean())
+
+
+def test_subset_dro_run_logs_the_subset_balance(tiny_run, tmp_path):
+    import dataclasses
+
+    import torch
+
+    config, _ = tiny_run
+    run = dataclasses.replace(config, out_dir=str(tmp_path / "dro"), subset_dro=0.5)
+    train(run, progress=False)
+    log = [json.loads(line) for line in Path(run.out_dir, "log.jsonl").read_text().splitlines()]
+    rec = log[-1]
+    assert len(rec["distill_by_subset"]) == len(rec["val_accuracy_by_subset"]) == 6
+    assert sum(rec["dro_weights"]) == pytest.approx(1.0)
+    assert max(rec["dro_weights"]) > 1 / 6 > min(rec["dro_weights"])
+    ckpt = torch.load(Path(run.out_dir) / "checkpoint.pt", weights_only=False)
+    assert ckpt["dro_weights"].tolist() == pytest.approx(rec["dro_weights"])
