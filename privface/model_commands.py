@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -257,7 +259,9 @@ def cmd_quantize(args) -> int:
     chosen = rng.choice(allowed, args.images + args.check, replace=False)
     calibration = _client_views(cache, chosen[: args.images], profile, rng)
     start = time.perf_counter()
-    graph = onnx_runtime.quantize_int8(model, calibration.astype(np.float32))
+    # ONNX Runtime's calibrator prints its progress: keep stdout for the JSON summary
+    with contextlib.redirect_stdout(sys.stderr):
+        graph = onnx_runtime.quantize_int8(model, calibration.astype(np.float32))
     out = onnx_runtime.save_int8(
         model_path, graph,
         privface_calibration=f"{len(calibration)} views (face + mirror, random subset, "
