@@ -285,7 +285,7 @@ def rank_draws(
 ) -> dict:
     """LFW accuracy of the protected model over several draws of the random ranks.
 
-    One draw of the ranks moves the accuracy by a few tenths of a point (93.27% to 93.63%
+    One draw of the ranks moves the accuracy by a few tenths of a point (93.00% to 93.53%
     over three draws of the shipped model), as much as many a change of recipe does;
     the mean over draws is what a comparison of models should rest on.  ``known``: seeds
     already measured (accuracy by seed), not measured again.

@@ -339,7 +339,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     class_of = np.array([classes.get(int(lab), -1) for lab in data.labels])
 
     n_subsets = len(get_profile(config.profile).subsets) if per_subset(config) else 0
-    dro_weights = torch.full((max(n_subsets, 1),), 1.0 / max(n_subsets, 1), dtype=torch.float64)
+    dro_weights = (
+        torch.full((n_subsets,), 1.0 / n_subsets, dtype=torch.float64) if n_subsets else None
+    )
 
     in_ch = {"partialface": 27, "rgb": 3, "hfcf": 71}[config.kind]
     bcfg = BackboneConfig.from_dict({**config.backbone.to_dict(), "in_channels": in_ch})
@@ -383,7 +385,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         arcface.load_state_dict(ckpt["arcface"])
         opt.load_state_dict(ckpt["optimizer"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
-        if "dro_weights" in ckpt:
+        if ckpt.get("dro_weights") is not None:
             dro_weights = ckpt["dro_weights"]
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     summary = {
@@ -402,7 +404,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         arcface.train()
         t0 = time.time()
         sums = {"loss": 0.0, "distill": 0.0, "arcface": 0.0}
-        subset_sums, subset_counts = np.zeros(max(n_subsets, 1)), np.zeros(max(n_subsets, 1))
+        subset_sums, subset_counts = np.zeros(n_subsets), np.zeros(n_subsets)
         bar = tqdm(
             range(steps_per_epoch),
             desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -427,7 +429,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                 emb = model(x)
             emb = emb.float()
             per_sample = 1 - nn.functional.cosine_similarity(emb, targets[idx])
-            distill = per_sample.mean()
+            distill = plain = per_sample.mean()  # plain: what the log reports either way
             if n_subsets:
                 group, present = subset_losses(per_sample.double(), ranks[:, 0], n_subsets)
                 subset_sums += (group * present).detach().numpy()
@@ -447,7 +449,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             opt.step()
             step += 1
             sums["loss"] += loss.item()
-            sums["distill"] += per_sample.mean().item()
+            sums["distill"] += plain.item()
             sums["arcface"] += arc.item()
             if b % 10 == 0:
                 bar.set_postfix(
