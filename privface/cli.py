@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--affine-scale", type=float, default=0.1, help="max relative scale change")
     p.add_argument("--subset-dro", type=float, default=0.0,
                    help="group DRO step size over the rank's subsets (0: plain mean loss)")
+    p.add_argument("--subset-val-every", type=int, default=1,
+                   help="held-out accuracy per fixed subset every N epochs and at the last "
+                   "(0: never)")
     p.add_argument("--val-identities", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit-identities", type=int, help="first N identities of each set")

@@ -49,6 +49,7 @@ def cmd_train(args) -> int:
         affine_degrees=args.affine_degrees,
         affine_scale=args.affine_scale,
         subset_dro=args.subset_dro,
+        subset_val_every=args.subset_val_every,
         seed=args.seed,
         limit_identities=args.limit_identities,
         threads=args.threads,

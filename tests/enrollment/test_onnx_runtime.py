@@ -5,29 +5,14 @@ import pytest
 import torch
 
 from enrollment import onnx_runtime
-from enrollment.backbone import Backbone, BackboneConfig
 from enrollment.model_io import embed
 
 pytestmark = pytest.mark.skipif(not onnx_runtime.available(), reason="no onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def model() -> Backbone:
-    """A small backbone with non-trivial BatchNorm statistics and PReLU slopes (fresh ones
-    are the identity and 0.25 everywhere, which would hide a folding or export error)."""
-    torch.manual_seed(0)
-    m = Backbone(BackboneConfig(widths=(8, 16, 16, 32), strides=(2, 2, 2, 2),
-                                embedding_size=64))
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
-                mod.running_mean.uniform_(-0.5, 0.5)
-                mod.running_var.uniform_(0.5, 2.0)
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.3, 0.3)
-            elif isinstance(mod, torch.nn.PReLU):
-                mod.weight.uniform_(0.0, 0.5)
-    return m.eval()
+def model(small_backbone):
+    return small_backbone
 
 
 def frequency_like(n: int, seed: int = 1) -> torch.Tensor:

@@ -335,3 +335,14 @@ def test_subset_dro_run_logs_the_subset_balance(tiny_run, tmp_path):
     assert max(rec["dro_weights"]) > 1 / 6 > min(rec["dro_weights"])
     ckpt = torch.load(Path(run.out_dir) / "checkpoint.pt", weights_only=False)
     assert ckpt["dro_weights"].tolist() == pytest.approx(rec["dro_weights"])
+
+
+def test_subset_validation_runs_every_n_epochs_and_at_the_last(tiny_run, tmp_path):
+    import dataclasses
+
+    config, _ = tiny_run
+    run = dataclasses.replace(config, out_dir=str(tmp_path / "every"), epochs=3, subset_val_every=2)
+    train(run, progress=False)
+    log = [json.loads(line) for line in Path(run.out_dir, "log.jsonl").read_text().splitlines()]
+    assert ["val_accuracy_by_subset" in rec for rec in log] == [False, True, True]
+    assert all(len(rec["distill_by_subset"]) == 6 for rec in log)

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from enrollment import onnx_runtime
-from enrollment.backbone import Backbone, BackboneConfig
 from enrollment.lfw_protocol import held_out_identities
 from enrollment.model_io import save_model
 from privface.cli import main
@@ -34,11 +32,9 @@ def small_lfw(data_dir, tmp_path_factory):
     return root, n_train
 
 
-def test_quantize_writes_an_int8_graph_of_the_model(small_lfw, tmp_path, capsys):
+def test_quantize_writes_an_int8_graph_of_the_model(small_lfw, small_backbone, tmp_path, capsys):
     root, n_train = small_lfw
-    torch.manual_seed(0)
-    model = Backbone(BackboneConfig(widths=(8, 16, 16, 32), strides=(2, 2, 2, 2),
-                                    embedding_size=64)).eval()
+    model = small_backbone
     path = tmp_path / "m.pt"
     save_model(path, model, "partialface", "partialface-paper", {})
     common = ["quantize", "--model", str(path), "--data", str(root), "--threads", "1",
