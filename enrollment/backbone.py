@@ -114,10 +114,15 @@ class Backbone(nn.Module):
             side = (side + 2 - 3) // s + 1
         return side
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature map (N, widths[-1], side, side), before the head: what
+        feature distillation matches between two networks of one architecture."""
         if self.config.standardise:
             x = standardise(x)
-        return self.head(self.body(self.stem(x)))
+        return self.body(self.stem(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
 
 
 def fold_batchnorm(model: Backbone) -> Backbone:

@@ -5,7 +5,9 @@ training mean, then lifted to the embedding size by a fixed orthonormal map so t
 embedding is trained) plus, optionally, an ArcFace margin loss on identity labels.  Every
 sample draws a fresh random rank each time it is used and is used ``uses_per_epoch`` times
 per epoch.  Colour can be missing in the field (greyscale cameras), so a fraction of samples
-is turned grey while keeping the colour teacher's target.  Checkpoints after every epoch make
+is turned grey while keeping the colour teacher's target.  Optionally the student also
+matches the last-stage feature map of an RGB network of its own architecture on the same
+augmented face (feature distillation, ``feature_teacher``).  Checkpoints after every epoch make
 a run resumable; a JSONL log records loss and held-out accuracy per epoch.
 """
 
@@ -73,6 +75,12 @@ class TrainConfig:
     # group DRO over the rank's subsets (Sagawa et al., ICLR 2020): step size of the
     # exponentiated-gradient update of the subsets' loss weights; 0 = plain mean (all equal)
     subset_dro: float = 0.0
+    # feature distillation: an RGB model of the same architecture (trained by `--kind rgb`)
+    # whose last-stage feature map on the same augmented face the student matches through a
+    # learned 1x1 adapter (1 - cosine of the flattened maps), weighted by feature_weight; a
+    # denser signal than the 128-d descriptor for a student that is short of data
+    feature_teacher: str | None = None
+    feature_weight: float = 0.0
     # held-out accuracy per fixed subset every this many epochs (and at the last one); 0 =
     # never: six more validation passes, ~40 s of a 4-7 minute epoch on 2 cores
     subset_val_every: int = 1
@@ -291,6 +299,29 @@ def robust_mean(losses: torch.Tensor, present: torch.Tensor, weights: torch.Tens
     return (w * losses).sum() / w.sum()
 
 
+def load_feature_teacher(path: str, student: BackboneConfig) -> Backbone:
+    """The frozen RGB network whose last-stage features the student matches; its feature
+    map must have the student's shape."""
+    teacher, info = load_model(path)
+    if info["kind"] != "rgb":
+        raise ValueError(f"--feature-teacher {path}: a {info['kind']!r} model, not an RGB one")
+    shape = (teacher.config.widths[-1], teacher.output_side())
+    if shape != (student.widths[-1], Backbone(student).output_side()):
+        raise ValueError(
+            f"--feature-teacher {path}: feature map {shape} differs from the student's"
+        )
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Per sample, 1 - cosine between the flattened (adapted) student and teacher maps."""
+    return 1 - nn.functional.cosine_similarity(
+        student.float().flatten(1), teacher.float().flatten(1), dim=1
+    )
+
+
 def lr_at(step: int, total: int, config: TrainConfig) -> float:
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
@@ -355,8 +386,15 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     arcface = ArcFace(
         bcfg.embedding_size, max(len(classes), 1), config.arcface_scale, config.arcface_margin
     )
+    feat_teacher = None
+    adapter = nn.Conv2d(bcfg.widths[-1], bcfg.widths[-1], 1, bias=False)
+    if config.feature_teacher and config.feature_weight > 0:
+        feat_teacher = load_feature_teacher(config.feature_teacher, bcfg)
+        if channels_last_trainable(bcfg):
+            feat_teacher = feat_teacher.to(memory_format=torch.channels_last)
+            adapter = adapter.to(memory_format=torch.channels_last)
     decay, no_decay = [], []
-    for module in [model, arcface]:
+    for module in [model, arcface] + ([adapter] if feat_teacher is not None else []):
         for p in module.parameters():
             (no_decay if p.ndim <= 1 else decay).append(p)
     opt = torch.optim.SGD(
@@ -386,6 +424,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["model"])
         arcface.load_state_dict(ckpt["arcface"])
+        if ckpt.get("adapter") is not None:
+            adapter.load_state_dict(ckpt["adapter"])
         opt.load_state_dict(ckpt["optimizer"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
         if ckpt.get("dro_weights") is not None:
@@ -407,6 +447,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         arcface.train()
         t0 = time.time()
         sums = {"loss": 0.0, "distill": 0.0, "arcface": 0.0}
+        if feat_teacher is not None:
+            sums["feature"] = 0.0
         subset_sums, subset_counts = np.zeros(n_subsets), np.zeros(n_subsets)
         bar = tqdm(
             range(steps_per_epoch),
@@ -429,7 +471,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             # NCHW in: standardised there (in fp32), channels-last from the stem on; weights,
             # optimiser and losses stay fp32, convolutions run in bf16 under autocast.
             with autocast(precision):
-                emb = model(x)
+                feat = model.features(x)
+                emb = model.head(feat)
             emb = emb.float()
             per_sample = 1 - nn.functional.cosine_similarity(emb, targets[idx])
             distill = plain = per_sample.mean()  # plain: what the log reports either way
@@ -441,6 +484,13 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                     dro_weights = dro_step(dro_weights, group, present, config.subset_dro)
                     distill = robust_mean(group, present, dro_weights).float()
             loss = config.distill_weight * distill
+            if feat_teacher is not None:
+                with torch.no_grad(), autocast(precision):
+                    wanted = feat_teacher.features(model_inputs(faces, "rgb", None))
+                with autocast(precision):
+                    matched = feature_loss(adapter(feat), wanted).mean()
+                loss = loss + config.feature_weight * matched
+                sums["feature"] += matched.item()
             arc = torch.zeros(())
             labelled = torch.from_numpy(class_of[idx])
             mask = labelled >= 0
@@ -493,6 +543,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                 "epoch": epoch + 1,
                 "step": step,
                 "dro_weights": dro_weights,
+                "adapter": adapter.state_dict() if feat_teacher is not None else None,
             },
             tmp,
         )

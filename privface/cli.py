@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--affine-scale", type=float, default=0.1, help="max relative scale change")
     p.add_argument("--subset-dro", type=float, default=0.0,
                    help="group DRO step size over the rank's subsets (0: plain mean loss)")
+    p.add_argument("--feature-teacher", help="RGB model of the same architecture (--kind rgb)"
+                   " whose last-stage features the student matches (feature distillation)")
+    p.add_argument("--feature-weight", type=float, default=0.0,
+                   help="weight of the feature-distillation loss (0: off)")
     p.add_argument("--subset-val-every", type=int, default=1,
                    help="held-out accuracy per fixed subset every N epochs and at the last "
                    "(0: never)")

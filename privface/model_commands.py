@@ -50,6 +50,8 @@ def cmd_train(args) -> int:
         affine_scale=args.affine_scale,
         subset_dro=args.subset_dro,
         subset_val_every=args.subset_val_every,
+        feature_teacher=args.feature_teacher,
+        feature_weight=args.feature_weight,
         seed=args.seed,
         limit_identities=args.limit_identities,
         threads=args.threads,

@@ -346,3 +346,48 @@ def test_subset_validation_runs_every_n_epochs_and_at_the_last(tiny_run, tmp_pat
     log = [json.loads(line) for line in Path(run.out_dir, "log.jsonl").read_text().splitlines()]
     assert ["val_accuracy_by_subset" in rec for rec in log] == [False, True, True]
     assert all(len(rec["distill_by_subset"]) == 6 for rec in log)
+
+
+def test_feature_loss_is_one_minus_cosine_of_flattened_maps():
+    import torch
+
+    from enrollment.training import feature_loss
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 16, 2, 2, generator=g), torch.randn(4, 16, 2, 2, generator=g)
+    x, y = a.flatten(1).numpy(), b.flatten(1).numpy()
+    want = 1 - np.sum(x * y, 1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+    assert feature_loss(a, b).numpy() == pytest.approx(want, abs=1e-6)
+    assert feature_loss(a, 3 * a).numpy() == pytest.approx(np.zeros(4), abs=1e-6)
+
+
+def test_feature_distillation_from_an_rgb_model(tiny_run, tmp_path):
+    """An RGB run of the tiny architecture, then a protected run that matches its features:
+    the feature loss is logged, falls, and its adapter is checkpointed for a resume."""
+    import dataclasses
+
+    import torch
+
+    from enrollment.training import load_feature_teacher
+
+    config, _ = tiny_run
+    rgb = dataclasses.replace(config, out_dir=str(tmp_path / "rgb"), kind="rgb")
+    train(rgb, progress=False)
+    teacher_path = str(Path(rgb.out_dir) / "model.pt")
+    run = dataclasses.replace(
+        config, out_dir=str(tmp_path / "feat"), epochs=3, feature_teacher=teacher_path,
+        feature_weight=1.0, subset_val_every=0,
+    )
+    train(run, progress=False)
+    log = [json.loads(line) for line in Path(run.out_dir, "log.jsonl").read_text().splitlines()]
+    feature = [rec["feature"] for rec in log]
+    assert all(0 < f < 2 for f in feature) and feature[-1] < feature[0]
+    assert all(rec["loss"] > rec["distill"] for rec in log)  # the feature term is in the loss
+    ckpt = torch.load(Path(run.out_dir) / "checkpoint.pt", weights_only=False)
+    assert ckpt["adapter"]["weight"].shape == (TINY.widths[-1], TINY.widths[-1], 1, 1)
+    # only an RGB model of a matching feature map is a feature teacher
+    with pytest.raises(ValueError, match="not an RGB"):
+        load_feature_teacher(str(Path(config.out_dir) / "model.pt"), TINY)
+    wider = dataclasses.replace(TINY, widths=(8, 8, 16, 32))
+    with pytest.raises(ValueError, match="differs"):
+        load_feature_teacher(teacher_path, wider)
