@@ -22,9 +22,8 @@ from pathlib import Path
 def read_log(path: str | Path) -> list[dict]:
     """The log's epochs in order, each with ``cumulative_epoch`` counted across stages."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    out, n = [], 0
-    for r in rows:
-        n += 1
+    out = []
+    for n, r in enumerate(rows, start=1):
         out.append({"stage": r.get("stage", 1), "epoch": r["epoch"], "cumulative_epoch": n,
                     "val_accuracy": r["val_accuracy"], "distill": r.get("distill", r["loss"]),
                     "img_per_s": r.get("img_per_s")})
@@ -66,7 +65,7 @@ def main() -> None:
             x = [r["cumulative_epoch"] for r in v]
             a1.plot(x, [r["val_accuracy"] for r in v], marker=".", label=n)
             a2.plot(x, [r["distill"] for r in v], marker=".", label=n)
-            for r0, r1 in zip(v, v[1:]):  # mark where a warm restart began
+            for r0, r1 in zip(v[:-1], v[1:], strict=True):  # mark where a warm restart began
                 if r1["stage"] != r0["stage"]:
                     a1.axvline(r0["cumulative_epoch"] + 0.5, color="grey", lw=0.5, ls=":")
         a1.set_xlabel("epoch (all stages)")
