@@ -343,6 +343,8 @@ def channels_last_trainable(config: BackboneConfig) -> bool:
 
 def train(config: TrainConfig, progress: bool = True) -> dict:
     """Train (or resume) into ``out_dir``; returns the final summary."""
+    if config.feature_teacher and config.feature_weight <= 0:
+        raise ValueError("a feature teacher needs a positive feature weight (--feature-weight)")
     if config.threads:
         torch.set_num_threads(config.threads)
     precision = resolve_precision(config.precision)
@@ -388,7 +390,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     )
     feat_teacher = None
     adapter = nn.Conv2d(bcfg.widths[-1], bcfg.widths[-1], 1, bias=False)
-    if config.feature_teacher and config.feature_weight > 0:
+    if config.feature_teacher:
         feat_teacher = load_feature_teacher(config.feature_teacher, bcfg)
         if channels_last_trainable(bcfg):
             feat_teacher = feat_teacher.to(memory_format=torch.channels_last)

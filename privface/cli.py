@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-teacher", help="RGB model of the same architecture (--kind rgb)"
                    " whose last-stage features the student matches (feature distillation)")
     p.add_argument("--feature-weight", type=float, default=0.0,
-                   help="weight of the feature-distillation loss (0: off)")
+                   help="weight of the feature-distillation loss (> 0 with --feature-teacher)")
     p.add_argument("--subset-val-every", type=int, default=1,
                    help="held-out accuracy per fixed subset every N epochs and at the last "
                    "(0: never)")

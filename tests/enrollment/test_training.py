@@ -391,3 +391,5 @@ def test_feature_distillation_from_an_rgb_model(tiny_run, tmp_path):
     wider = dataclasses.replace(TINY, widths=(8, 8, 16, 32))
     with pytest.raises(ValueError, match="differs"):
         load_feature_teacher(teacher_path, wider)
+    with pytest.raises(ValueError, match="positive feature weight"):  # not silently off
+        train(dataclasses.replace(run, feature_weight=0.0), progress=False)
