@@ -32,6 +32,13 @@ class BackboneConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def output_side(self) -> int:
+        """Side of the last stage's feature map (3x3 convolutions, padding 1)."""
+        side = self.input_size
+        for s in (self.stem_stride, *self.strides):
+            side = (side + 2 - 3) // s + 1
+        return side
+
     @classmethod
     def from_dict(cls, d: dict) -> BackboneConfig:
         d = dict(d)
@@ -99,7 +106,7 @@ class Backbone(nn.Module):
                 layers.append(IRBlock(c_in, c_out, stride if i == 0 else 1))
                 c_in = c_out
         self.body = nn.Sequential(*layers)
-        side = self.output_side()
+        side = config.output_side()
         self.head = nn.Sequential(
             nn.BatchNorm2d(c_in),
             nn.Dropout(config.dropout),
@@ -107,12 +114,6 @@ class Backbone(nn.Module):
             nn.Linear(c_in * side * side, config.embedding_size),
             nn.BatchNorm1d(config.embedding_size),
         )
-
-    def output_side(self) -> int:
-        side = self.config.input_size
-        for s in (self.config.stem_stride, *self.config.strides):
-            side = (side + 2 - 3) // s + 1
-        return side
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's feature map (N, widths[-1], side, side), before the head: what

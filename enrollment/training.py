@@ -305,8 +305,8 @@ def load_feature_teacher(path: str, student: BackboneConfig) -> Backbone:
     teacher, info = load_model(path)
     if info["kind"] != "rgb":
         raise ValueError(f"--feature-teacher {path}: a {info['kind']!r} model, not an RGB one")
-    shape = (teacher.config.widths[-1], teacher.output_side())
-    if shape != (student.widths[-1], Backbone(student).output_side()):
+    shape = (teacher.config.widths[-1], teacher.config.output_side())
+    if shape != (student.widths[-1], student.output_side()):
         raise ValueError(
             f"--feature-teacher {path}: feature map {shape} differs from the student's"
         )
@@ -388,15 +388,15 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     arcface = ArcFace(
         bcfg.embedding_size, max(len(classes), 1), config.arcface_scale, config.arcface_margin
     )
-    feat_teacher = None
-    adapter = nn.Conv2d(bcfg.widths[-1], bcfg.widths[-1], 1, bias=False)
+    feat_teacher = adapter = None
     if config.feature_teacher:
         feat_teacher = load_feature_teacher(config.feature_teacher, bcfg)
+        adapter = nn.Conv2d(bcfg.widths[-1], bcfg.widths[-1], 1, bias=False)
         if channels_last_trainable(bcfg):
             feat_teacher = feat_teacher.to(memory_format=torch.channels_last)
             adapter = adapter.to(memory_format=torch.channels_last)
     decay, no_decay = [], []
-    for module in [model, arcface] + ([adapter] if feat_teacher is not None else []):
+    for module in [model, arcface] + ([adapter] if adapter is not None else []):
         for p in module.parameters():
             (no_decay if p.ndim <= 1 else decay).append(p)
     opt = torch.optim.SGD(
@@ -426,7 +426,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["model"])
         arcface.load_state_dict(ckpt["arcface"])
-        if ckpt.get("adapter") is not None:
+        if adapter is not None and ckpt.get("adapter") is not None:
             adapter.load_state_dict(ckpt["adapter"])
         opt.load_state_dict(ckpt["optimizer"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
@@ -545,7 +545,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                 "epoch": epoch + 1,
                 "step": step,
                 "dro_weights": dro_weights,
-                "adapter": adapter.state_dict() if feat_teacher is not None else None,
+                "adapter": adapter.state_dict() if adapter is not None else None,
             },
             tmp,
         )
