@@ -27,6 +27,13 @@ class BackboneConfig:
     embedding_size: int = 512
     dropout: float = 0.4
     standardise: bool = True
+    # 0: one stem for every rank (the paper's model: the rank is never told to it); n: one
+    # stem convolution per subset, for inputs whose permutation the server has undone
+    # (enrollment.rank_inference), so each weight always meets the same frequency
+    subset_stems: int = 0
+    # output channels of the stem (0: widths[0]); a stride-2 stem maps 4 x 27 = 108 input
+    # values per output position onto its channels (an RGB stem maps 12)
+    stem_width: int = 0
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -87,20 +94,60 @@ def standardise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return centred.div_(std).reshape(x.shape)
 
 
+class SubsetConv(nn.Module):
+    """A 3x3 convolution with one weight per subset: sample n is convolved with subset
+    ``subsets[n]``'s weights (a loop over the subsets present in the batch, no extra FLOPs).
+
+    The weights of subset s are rows ``s * c_out : (s + 1) * c_out`` of one 4-D tensor (4-D
+    so that the model converts to channels-last like any convolution).
+    """
+
+    def __init__(self, n_subsets: int, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.stride, self.c_out = stride, c_out
+        self.weight = nn.Parameter(torch.empty(n_subsets * c_out, c_in, 3, 3))
+        for w in self.weight.detach().split(c_out):
+            nn.init.kaiming_uniform_(w, a=5**0.5)  # nn.Conv2d's default, per subset
+        self.bias: nn.Parameter | None = None  # (n_subsets * c_out,) once a BN is folded in
+
+    def forward(self, x: torch.Tensor, subsets: torch.Tensor) -> torch.Tensor:
+        if subsets is None:
+            raise ValueError("a model with per-subset stems needs each input's subset")
+        subsets = torch.as_tensor(subsets, dtype=torch.long)
+        out = None
+        for s in torch.unique(subsets).tolist():
+            members = torch.nonzero(subsets == s).flatten()
+            rows = slice(s * self.c_out, (s + 1) * self.c_out)
+            b = None if self.bias is None else self.bias[rows]
+            y = nn.functional.conv2d(x[members], self.weight[rows], b, self.stride, 1)
+            if out is None:
+                cl = y.is_contiguous(memory_format=torch.channels_last)
+                fmt = torch.channels_last if cl else torch.contiguous_format
+                out = torch.empty((len(x), *y.shape[1:]), dtype=y.dtype, memory_format=fmt)
+            out[members] = y
+        return out
+
+
 class Backbone(nn.Module):
-    """Frequency input (N, C, H, W) -> embedding (N, embedding_size), not normalised."""
+    """Frequency input (N, C, H, W) -> embedding (N, embedding_size), not normalised.
+
+    With ``config.subset_stems`` the model also takes each input's subset (and the input in
+    its subset's published channel order: ``rank_inference.canonicalise``).
+    """
 
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
         self.config = config
         w = config.widths
-        self.stem = nn.Sequential(
-            nn.Conv2d(config.in_channels, w[0], 3, config.stem_stride, 1, bias=False),
-            nn.BatchNorm2d(w[0]),
-            nn.PReLU(w[0]),
+        c_stem = config.stem_width or w[0]
+        conv: nn.Module = (
+            SubsetConv(config.subset_stems, config.in_channels, c_stem, config.stem_stride)
+            if config.subset_stems
+            else nn.Conv2d(config.in_channels, c_stem, 3, config.stem_stride, 1, bias=False)
         )
+        self.stem = nn.Sequential(conv, nn.BatchNorm2d(c_stem), nn.PReLU(c_stem))
         layers: list[nn.Module] = []
-        c_in = w[0]
+        c_in = c_stem
         for c_out, n, stride in zip(w, config.blocks, config.strides, strict=True):
             for i in range(n):
                 layers.append(IRBlock(c_in, c_out, stride if i == 0 else 1))
@@ -115,15 +162,17 @@ class Backbone(nn.Module):
             nn.BatchNorm1d(config.embedding_size),
         )
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, subsets: torch.Tensor | None = None) -> torch.Tensor:
         """The last stage's feature map (N, widths[-1], side, side), before the head: what
         feature distillation matches between two networks of one architecture."""
         if self.config.standardise:
             x = standardise(x)
-        return self.body(self.stem(x))
+        stem = self.stem
+        x = stem[1:](stem[0](x, subsets)) if self.config.subset_stems else stem(x)
+        return self.body(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def forward(self, x: torch.Tensor, subsets: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.features(x, subsets))
 
 
 def fold_batchnorm(model: Backbone) -> Backbone:
@@ -147,7 +196,16 @@ def fold_batchnorm(model: Backbone) -> Backbone:
                 out.append(m)
         return nn.Sequential(*out)
 
-    model.stem = fold_sequence(model.stem)
+    if isinstance(model.stem[0], SubsetConv):  # the stem's BN into every subset's weights
+        conv, bn = model.stem[0], model.stem[1]
+        with torch.no_grad():
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            n = conv.weight.shape[0] // conv.c_out
+            conv.weight.mul_(scale.repeat(n)[:, None, None, None])
+            conv.bias = nn.Parameter((bn.bias - bn.running_mean * scale).repeat(n))
+        model.stem = nn.Sequential(conv, *model.stem[2:])
+    else:
+        model.stem = fold_sequence(model.stem)
     for block in model.body:
         block.body = fold_sequence(block.body)
         if isinstance(block.shortcut, nn.Sequential):

@@ -27,7 +27,7 @@ from enrollment.metrics import (
     tar_at_far,
     threshold_at_far,
 )
-from enrollment.model_io import embed, load_model, model_inputs, profile_for
+from enrollment.model_io import embed, load_model, model_inputs, profile_for, served_inputs
 
 Embedder = Callable[[np.ndarray], np.ndarray]  # image indices -> unit embeddings
 
@@ -87,8 +87,13 @@ def model_embedder(
             views = [faces, faces.flip(-1)] if flip else [faces]
             total = 0
             for v, ranks in zip(views, ranks_for(len(chunk), len(views), rng), strict=True):
-                x = model_inputs(v, info["kind"], profile, ranks)
-                e = int8.embed(x) if int8 else embed(model, x, precision=precision)
+                x, subsets = model_inputs(v, info["kind"], profile, ranks), None
+                if profile is not None:  # as the server does (rank read off the input)
+                    x, subsets = served_inputs(model.config, x, profile)
+                if int8:
+                    e = int8.embed(x, subsets)
+                else:
+                    e = embed(model, x, precision=precision, subsets=subsets)
                 total = total + e
             out.append(total / np.linalg.norm(total, axis=1, keepdims=True))
         return np.concatenate(out)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from enrollment import hfcf, partialface
+from enrollment import hfcf, partialface, rank_inference
 from enrollment.backbone import Backbone, BackboneConfig
 from enrollment.frequency import coefficient_maps, rgb_to_ycbcr_shifted
 from enrollment.profiles import ProtectionProfile, get_profile
@@ -47,16 +47,20 @@ def model_inputs(
     kind: str,
     profile: ProtectionProfile | None,
     ranks: np.ndarray | None = None,
+    canonical: bool = False,
 ) -> torch.Tensor:
     """(N, 3, 112, 112) float RGB in [0, 255] -> what a model of ``kind`` takes.
 
-    ``partialface``: the rank's 27 channels per face (``ranks`` (N, 2)); ``rgb``: the image
+    ``partialface``: the rank's 27 channels per face (``ranks`` (N, 2)); with ``canonical``
+    in the subset's published order, i.e. what the server has after undoing the rank's
+    permutation (``rank_inference.canonicalise``; equal to it, tested); ``rgb``: the image
     itself; ``hfcf``: the 71-channel HFCF input without noise (noise is the client's).
     """
     if kind == "rgb":
         return (faces - 127.5) / 128.0
     if kind == "partialface":
-        channels = rank_table(profile)[ranks[:, 0], ranks[:, 1]]
+        perms = np.zeros(len(ranks), dtype=int) if canonical else ranks[:, 1]
+        channels = rank_table(profile)[ranks[:, 0], perms]
         pairs = partialface.channel_pairs(channels)
         planes = torch.as_tensor(rgb_to_ycbcr_shifted(faces.double().numpy())).float()
         return coefficient_maps(planes, pairs, profile.factor)
@@ -64,6 +68,19 @@ def model_inputs(
         arr = faces.permute(0, 2, 3, 1).numpy()
         return torch.from_numpy(hfcf.protect(arr, None, profile.factor))
     raise ValueError(f"unknown input kind {kind!r}")
+
+
+def served_inputs(
+    config: BackboneConfig, x: torch.Tensor | np.ndarray, profile: ProtectionProfile
+) -> tuple[torch.Tensor | np.ndarray, np.ndarray | None]:
+    """(what the model is fed, subsets or None) from protected views as the server receives
+    them (rank unknown): a model with per-subset stems gets the views with their rank read
+    off the input and its permutation undone (``rank_inference.canonicalise``); any other
+    model the views as they are.  Keeps a numpy input numpy (and its dtype)."""
+    if not config.subset_stems:
+        return x, None
+    canon, subsets, _ = rank_inference.canonicalise(torch.as_tensor(x), profile)
+    return (canon.numpy() if isinstance(x, np.ndarray) else canon), subsets
 
 
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -89,15 +106,21 @@ def autocast(precision: str):
 
 @torch.no_grad()
 def embed(
-    model: Backbone, inputs: torch.Tensor, batch_size: int = 256, precision: str = "fp32"
+    model: Backbone,
+    inputs: torch.Tensor,
+    batch_size: int = 256,
+    precision: str = "fp32",
+    subsets: np.ndarray | None = None,
 ) -> np.ndarray:
     """L2-normalised embeddings of model inputs (``precision`` fp32 or bf16 autocast;
-    weights, standardisation and the normalisation stay fp32 either way)."""
+    weights, standardisation and the normalisation stay fp32 either way); ``subsets`` (N,)
+    for a model with per-subset stems."""
     model.eval()
     out = []
     for i in range(0, len(inputs), batch_size):
+        sub = None if subsets is None else torch.as_tensor(subsets[i : i + batch_size])
         with autocast(precision):
-            e = model(inputs[i : i + batch_size].float())
+            e = model(inputs[i : i + batch_size].float(), sub)
         out.append(torch.nn.functional.normalize(e.float(), dim=1))
     return torch.cat(out).numpy()
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from enrollment.backbone import Backbone, fold_batchnorm
+from enrollment.backbone import Backbone, fold_batchnorm, standardise
 from enrollment.model_io import file_sha256
 
 
@@ -36,17 +36,43 @@ def available() -> bool:
     return True
 
 
+class _OneSubset(torch.nn.Module):
+    """A per-subset-stem model for export: the whole batch belongs to one subset, given as
+    a second input ``subset`` (1,) int64 that selects the stem's weights inside the graph
+    (a Gather feeding the Conv), so one graph serves every subset."""
+
+    def __init__(self, folded: Backbone) -> None:
+        super().__init__()
+        self.m = folded
+
+    def forward(self, x: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:
+        m, conv = self.m, self.m.stem[0]
+        if m.config.standardise:
+            x = standardise(x)
+        n = conv.weight.shape[0] // conv.c_out
+        w = conv.weight.reshape(n, conv.c_out, *conv.weight.shape[1:]).index_select(0, subset)
+        b = conv.bias.reshape(n, conv.c_out).index_select(0, subset)
+        x = torch.nn.functional.conv2d(x, w[0], b[0], conv.stride, 1)
+        return m.head(m.body(m.stem[1:](x)))
+
+
 def export_onnx(model: Backbone) -> bytes:
     """The eval-mode model, BatchNorms folded, as an ONNX graph with a dynamic batch axis:
-    input ``x`` (N, C, H, W) float32, output ``e`` (N, embedding_size), not normalised."""
+    input ``x`` (N, C, H, W) float32, output ``e`` (N, embedding_size), not normalised.
+    A model with per-subset stems takes a second input, ``subset`` (1,) int64: the subset
+    of the whole batch (``OnnxModel.embed`` groups the views by subset)."""
     folded = fold_batchnorm(model).to(memory_format=torch.contiguous_format)
     cfg = model.config
-    example = torch.zeros(1, cfg.in_channels, cfg.input_size, cfg.input_size)
+    example: tuple = (torch.zeros(1, cfg.in_channels, cfg.input_size, cfg.input_size),)
+    names = ["x"]
+    if cfg.subset_stems:
+        folded = _OneSubset(folded).eval()
+        example, names = (*example, torch.zeros(1, dtype=torch.long)), ["x", "subset"]
     buf = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript exporter announces its deprecation
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            folded, (example,), buf, input_names=["x"], output_names=["e"],
+            folded, example, buf, input_names=names, output_names=["e"],
             dynamic_axes={"x": {0: "n"}, "e": {0: "n"}}, opset_version=17, dynamo=False,
         )
     return buf.getvalue()
@@ -72,7 +98,7 @@ def with_float16_input(graph: bytes) -> bytes:
     from onnx import TensorProto, helper
 
     proto = onnx.load_from_string(graph)
-    (inp,) = proto.graph.input
+    inp = next(i for i in proto.graph.input if i.name == "x")
     inp.name, wide = "x16", inp.name
     inp.type.tensor_type.elem_type = TensorProto.FLOAT16
     cast = helper.make_node("Cast", ["x16"], [wide], to=TensorProto.FLOAT, name="widen_x16")
@@ -98,6 +124,7 @@ class OnnxModel:
             ),
         }
         session = self.sessions[np.dtype(np.float32)]
+        self.per_subset = any(i.name == "subset" for i in session.get_inputs())
         self.provider = session.get_providers()[0]
         self.embedding_size = int(session.get_outputs()[0].shape[1])
         self.metadata = dict(session.get_modelmeta().custom_metadata_map)
@@ -106,26 +133,46 @@ class OnnxModel:
     def of(cls, model: Backbone, threads: int = 1) -> OnnxModel:
         return cls(export_onnx(model), threads)
 
-    def embed(self, inputs: torch.Tensor | np.ndarray, batch_size: int = 32) -> np.ndarray:
+    def embed(
+        self,
+        inputs: torch.Tensor | np.ndarray,
+        subsets: np.ndarray | None = None,
+        batch_size: int = 32,
+    ) -> np.ndarray:
         """L2-normalised float32 embeddings.  float16 inputs go to the graph as they are
-        (widened inside it); anything else as float32."""
+        (widened inside it); anything else as float32.  A graph with per-subset stems needs
+        each input's ``subset`` and runs the inputs of one subset at a time."""
         x = inputs.numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs)
         if x.dtype != np.float16:
             x = x.astype(np.float32, copy=False)
         if len(x) == 0:
             return np.empty((0, self.embedding_size), np.float32)
+        if self.per_subset and subsets is None:
+            raise ValueError("this graph has per-subset stems: give each input's subset")
         session = self.sessions[x.dtype]
         name = session.get_inputs()[0].name
-        out = [
-            session.run(None, {name: np.ascontiguousarray(x[i : i + batch_size])})[0]
-            for i in range(0, len(x), batch_size)
-        ]
-        e = np.concatenate(out)
+        groups = [(None, np.arange(len(x)))]
+        if self.per_subset:
+            subsets = np.asarray(subsets)
+            groups = [(s, np.flatnonzero(subsets == s)) for s in np.unique(subsets)]
+        e = np.empty((len(x), self.embedding_size), np.float32)
+        for subset, members in groups:
+            feed = {} if subset is None else {"subset": np.array([subset], np.int64)}
+            for i in range(0, len(members), batch_size):
+                rows = members[i : i + batch_size]
+                part = x[rows] if self.per_subset else x[i : i + batch_size]
+                feed[name] = np.ascontiguousarray(part)
+                e[rows] = session.run(None, feed)[0]
         e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
         return e
 
 
-def quantize_int8(model: Backbone, calibration: np.ndarray, batch_size: int = 16) -> bytes:
+def quantize_int8(
+    model: Backbone,
+    calibration: np.ndarray,
+    batch_size: int = 16,
+    subsets: np.ndarray | None = None,
+) -> bytes:
     """Post-training static int8 quantisation: QDQ, per-channel int8 weights, uint8
     activations with ranges at the 99.99th percentile of ``calibration`` (real protected
     inputs, N x C x H x W).
@@ -137,7 +184,8 @@ def quantize_int8(model: Backbone, calibration: np.ndarray, batch_size: int = 16
     (the stem's input, the standardised frequency channels, has the widest tails).  Keeping
     the final linear layer float as well changed nothing (0.998 / 0.994) but was slower and
     doubled the file (its 2.1 M weights in float32).  The per-sample standardisation at the
-    start stays float: its input spans ~1000x between channels.
+    start stays float: its input spans ~1000x between channels.  A model with per-subset
+    stems calibrates on batches of one subset each (``subsets``: the calibration inputs').
     """
     import onnx
     from onnxruntime.quantization import (
@@ -152,11 +200,19 @@ def quantize_int8(model: Backbone, calibration: np.ndarray, batch_size: int = 16
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
             x = np.asarray(calibration, np.float32)
-            self.batches = iter(x[i : i + batch_size] for i in range(0, len(x), batch_size))
+            if subsets is None:
+                groups = [(None, np.arange(len(x)))]
+            else:
+                groups = [(s, np.flatnonzero(subsets == s)) for s in np.unique(subsets)]
+            self.batches = iter(
+                {"x": x[m[i : i + batch_size]]}
+                | ({} if s is None else {"subset": np.array([s], np.int64)})
+                for s, m in groups
+                for i in range(0, len(m), batch_size)
+            )
 
         def get_next(self) -> dict | None:
-            chunk = next(self.batches, None)
-            return None if chunk is None else {"x": chunk}
+            return next(self.batches, None)
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32, pre, out = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))

@@ -265,7 +265,9 @@ def validate(
     ranks = draw(len(faces), config, rng)
     if subset is not None and ranks is not None:
         ranks[:, 0] = subset
-    e = embed(model, model_inputs(faces, config.kind, profile, ranks))
+    aware = bool(model.config.subset_stems)
+    x = model_inputs(faces, config.kind, profile, ranks, canonical=aware)
+    e = embed(model, x, subsets=ranks[:, 0] if aware else None)
     scores = np.sum(e[pairs[:, 0]] * e[pairs[:, 1]], axis=1)
     return float(np.mean((scores >= best_threshold(scores, same)) == same))
 
@@ -329,6 +331,19 @@ def lr_at(step: int, total: int, config: TrainConfig) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def split_stem(model: Backbone, n_subsets: int) -> Backbone:
+    """A per-subset-stem copy of a shared-stem model that computes exactly what it does on
+    the permutation 0 of every rank: every subset's stem starts as the shared one, and a
+    warm restart then lets each specialise on its own frequencies."""
+    cfg = BackboneConfig.from_dict({**model.config.to_dict(), "subset_stems": n_subsets})
+    out = Backbone(cfg)
+    state = dict(model.state_dict())
+    shared = state.pop("stem.0.weight")
+    state["stem.0.weight"] = shared.repeat(n_subsets, 1, 1, 1)
+    out.load_state_dict(state)
+    return out.eval()
+
+
 def channels_last_trainable(config: BackboneConfig) -> bool:
     """Whether to train in channels-last: only when every width is a multiple of 16.
 
@@ -379,6 +394,13 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         torch.full((n_subsets,), 1.0 / n_subsets, dtype=torch.float64) if n_subsets else None
     )
 
+    if config.backbone.subset_stems and (
+        not per_subset(config)
+        or config.backbone.subset_stems != len(get_profile(config.profile).subsets)
+    ):
+        raise ValueError(
+            "per-subset stems need random ranks of a PartialFace profile, one stem per subset"
+        )
     in_ch = {"partialface": 27, "rgb": 3, "hfcf": 71}[config.kind]
     bcfg = BackboneConfig.from_dict({**config.backbone.to_dict(), "in_channels": in_ch})
     model = Backbone(bcfg)
@@ -415,6 +437,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     log_path = out / "log.jsonl"
     if config.init and not ckpt_path.exists():
         start_from, info = load_model(config.init)
+        if bcfg.subset_stems and not start_from.config.subset_stems:
+            start_from = split_stem(start_from, bcfg.subset_stems)
         if start_from.config.to_dict() != bcfg.to_dict() or info["kind"] != config.kind:
             raise ValueError(
                 f"--init {config.init}: its architecture/kind ({info['kind']}, "
@@ -467,13 +491,15 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                 config.kind,
                 get_profile(config.profile) if config.kind != "rgb" else None,
                 ranks,
+                canonical=bool(bcfg.subset_stems),
             )
+            subsets = torch.from_numpy(ranks[:, 0]) if bcfg.subset_stems else None
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, config)
             # NCHW in: standardised there (in fp32), channels-last from the stem on; weights,
             # optimiser and losses stay fp32, convolutions run in bf16 under autocast.
             with autocast(precision):
-                feat = model.features(x)
+                feat = model.features(x, subsets)
                 emb = model.head(feat)
             emb = emb.float()
             per_sample = 1 - nn.functional.cosine_similarity(emb, targets[idx])

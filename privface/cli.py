@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stem-stride", type=int, default=2)
     p.add_argument("--strides", default="1,2,2,2")
     p.add_argument("--embedding-size", type=int, default=512)
+    p.add_argument("--stem-width", type=int, default=0,
+                   help="output channels of the stem (0: the first width)")
+    p.add_argument("--subset-stems", type=int, default=0,
+                   help="N > 0: one stem per subset (N = the profile's subsets) for inputs "
+                        "whose rank the server infers and whose permutation it undoes")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--uses-per-epoch", type=int, default=3, help="r: uses of each image/epoch")
     p.add_argument("--batch-size", type=int, default=128)

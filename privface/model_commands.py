@@ -28,6 +28,8 @@ def cmd_train(args) -> int:
         stem_stride=args.stem_stride,
         strides=_ints(args.strides),
         embedding_size=args.embedding_size,
+        subset_stems=args.subset_stems,
+        stem_width=args.stem_width,
     )
     config = TrainConfig(
         data=args.data,
@@ -243,7 +245,7 @@ def cmd_quantize(args) -> int:
     from enrollment import evaluation as ev
     from enrollment import onnx_runtime
     from enrollment.lfw_protocol import held_out_identities
-    from enrollment.model_io import DEFAULT_MODEL, embed, load_model, profile_for
+    from enrollment.model_io import DEFAULT_MODEL, embed, load_model, profile_for, served_inputs
 
     settings = load_settings(args.config)
     model_path = Path(args.model or DEFAULT_MODEL)
@@ -261,19 +263,24 @@ def cmd_quantize(args) -> int:
     rng = np.random.default_rng(args.seed)
     chosen = rng.choice(allowed, args.images + args.check, replace=False)
     calibration = _client_views(cache, chosen[: args.images], profile, rng)
+    # what the server feeds the graph: with per-subset stems, rank read off each view
+    calibration, subsets = served_inputs(model.config, calibration, profile)
     start = time.perf_counter()
     # ONNX Runtime's calibrator prints its progress: keep stdout for the JSON summary
     with contextlib.redirect_stdout(sys.stderr):
-        graph = onnx_runtime.quantize_int8(model, calibration.astype(np.float32))
+        graph = onnx_runtime.quantize_int8(model, calibration.astype(np.float32),
+                                           subsets=subsets)
     out = onnx_runtime.save_int8(
         model_path, graph,
         privface_calibration=f"{len(calibration)} views (face + mirror, random subset, "
         f"permutation per view) of {args.images} LFW training-split images, seed {args.seed}",
     )
     took = time.perf_counter() - start
-    check = _client_views(cache, chosen[args.images :], profile, rng)
-    ref = embed(model, torch.from_numpy(check))
-    got = onnx_runtime.load_int8(model_path, args.threads).embed(check)
+    check, subsets = served_inputs(
+        model.config, _client_views(cache, chosen[args.images :], profile, rng), profile
+    )
+    ref = embed(model, torch.from_numpy(check), subsets=subsets)
+    got = onnx_runtime.load_int8(model_path, args.threads).embed(check, subsets)
     cos = np.sum(ref * got, axis=1)
     summary = {
         "int8_model": str(out), "bytes": out.stat().st_size, "seconds": round(took, 1),

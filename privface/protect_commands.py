@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from enrollment import hfcf, partialface, wire
+from enrollment import hfcf, partialface, rank_inference, wire
 from enrollment.align import AlignmentError, align_file, load_aligned
 from enrollment.align_batch import align_batch, collect_inputs, summarise
 from enrollment.profiles import ProtectionProfile, get_profile
@@ -131,25 +131,18 @@ def reconstruct(x: np.ndarray, profile: ProtectionProfile, rank: tuple[int, int]
     """The no-learning inverse of one protected face (3, 112, 112) and the rank it assumed.
 
     Without a known rank this is the white-box attacker who knows the published candidate
-    set: try every rank and keep the reconstruction with the least total variation.
+    set: the rank is read off the input's channel energy profiles (``rank_inference``:
+    every rank right on the faces measured), not guessed.
     """
     if profile.method == "hfcf":
         fused = x[: hfcf.N_FUSED]
         channels = np.array(hfcf.AC)  # fused maps read as luminance: the plane is unknown
         rgb = partialface.inverse(fused[None], channels, profile.factor)[0]
         return rgb, None
-    ranks = (
-        [rank]
-        if rank
-        else [(s, p) for s in range(len(profile.subsets)) for p in range(len(profile.permutations))]
-    )
-    best = None
-    for s, p in ranks:
-        rgb = partialface.inverse(x[None], profile.rank_channels(s, p), profile.factor)[0]
-        tv = np.abs(np.diff(rgb, axis=1)).mean() + np.abs(np.diff(rgb, axis=2)).mean()
-        if best is None or tv < best[0]:
-            best = (tv, rgb, (s, p))
-    return best[1], best[2]
+    if rank is None:
+        found, _ = rank_inference.infer_ranks(x[None], profile)
+        rank = (int(found[0, 0]), int(found[0, 1]))
+    return partialface.inverse(x[None], profile.rank_channels(*rank), profile.factor)[0], rank
 
 
 def stretch(rgb: np.ndarray) -> np.ndarray:

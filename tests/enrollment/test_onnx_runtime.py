@@ -69,6 +69,25 @@ def test_int8_graph_tracks_the_float_model(model, tmp_path):
         onnx_runtime.load_int8(path)
 
 
+def test_per_subset_stems_export_as_one_graph_with_a_subset_input(subset_backbone):
+    x = frequency_like(7)
+    subsets = np.array([3, 0, 3, 5, 1, 3, 0])
+    ref = embed(subset_backbone, x, subsets=subsets)
+    ort_model = onnx_runtime.OnnxModel.of(subset_backbone, threads=1)
+    assert ort_model.per_subset
+    got = ort_model.embed(x, subsets, batch_size=2)  # grouped by subset, then in batches
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(ort_model.embed(x.half().numpy(), subsets),
+                               embed(subset_backbone, x.half().float(), subsets=subsets),
+                               rtol=0, atol=2e-5)
+    with pytest.raises(ValueError, match="subset"):
+        ort_model.embed(x)
+    graph = onnx_runtime.quantize_int8(subset_backbone, frequency_like(24, seed=2).numpy(),
+                                       subsets=np.arange(24) % 6)
+    cos = np.sum(onnx_runtime.OnnxModel(graph).embed(x, subsets) * ref, axis=1)
+    assert cos.min() > 0.98, cos
+
+
 def test_shipped_int8_graph_is_of_the_shipped_model():
     from enrollment.model_io import DEFAULT_MODEL
 

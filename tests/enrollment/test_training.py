@@ -393,3 +393,33 @@ def test_feature_distillation_from_an_rgb_model(tiny_run, tmp_path):
         load_feature_teacher(teacher_path, wider)
     with pytest.raises(ValueError, match="positive feature weight"):  # not silently off
         train(dataclasses.replace(run, feature_weight=0.0), progress=False)
+
+
+def test_subset_stems_warm_start_from_a_shared_stem_model(tiny_run, tmp_path):
+    """--subset-stems with --init of a shared-stem model: the run starts from that model's
+    function (every subset's stem = the shared one; lr 0 keeps it) and is evaluated as the
+    server serves it, with the rank read off each view."""
+    import dataclasses
+
+    import torch
+
+    from enrollment.model_io import load_model
+
+    config, _ = tiny_run
+    start, _ = load_model(Path(config.out_dir) / "model.pt")
+    run = dataclasses.replace(
+        config, out_dir=str(tmp_path / "stems"), epochs=1, lr=0.0,
+        init=str(Path(config.out_dir) / "model.pt"),
+        backbone=dataclasses.replace(TINY, subset_stems=6), subset_val_every=0,
+    )
+    train(run, progress=False)
+    end, info = load_model(tmp_path / "stems" / "model.pt")
+    assert end.config.subset_stems == 6 and info["meta"]["train"]["backbone"]["subset_stems"] == 6
+    shared = start.stem[0].weight
+    torch.testing.assert_close(end.stem[0].weight, shared.repeat(6, 1, 1, 1))
+    cache = build_cache(config.data[0], config.cache_dir, limit_identities=60)
+    e = ev.model_embedder(tmp_path / "stems" / "model.pt", cache, seed=0)(np.arange(6))
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="per-subset stems"):
+        train(dataclasses.replace(run, out_dir=str(tmp_path / "fixed"), fixed_rank=(0, 0)),
+              progress=False)

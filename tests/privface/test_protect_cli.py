@@ -54,12 +54,14 @@ def test_protect_aligned_input_and_refusal(tmp_path):
     )
 
 
-def test_show_protected_writes_panels(lfw_dir, tmp_path):
+def test_show_protected_writes_panels(lfw_dir, tmp_path, capsys):
     img = lfw_dir / "Aaron_Peirsol" / "Aaron_Peirsol_0001.jpg"
     blob = tmp_path / "x.pfpi"
     assert main(["protect", str(img), "--rank", "4,2", "-o", str(blob)]) == 0
     png = tmp_path / "show.png"
+    capsys.readouterr()
     assert main(["show-protected", str(blob), "--original", str(img), "-o", str(png)]) == 0
+    assert "(rank 4,2)" in capsys.readouterr().out  # read off the input, never sent
     pic = np.asarray(Image.open(png))
     assert pic.shape[0] == 224 and pic.shape[1] > 3 * 224
 

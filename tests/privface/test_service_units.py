@@ -318,3 +318,31 @@ def test_embedder_keeps_float16_until_the_model(service_model, att_inputs):
     np.testing.assert_allclose(e.embed(views), as_float32, rtol=0, atol=1e-6)
     mixed = e.embed([views[0].astype(np.float32), views[1], views[2]])
     np.testing.assert_allclose(mixed, as_float32, rtol=0, atol=1e-6)
+
+
+def test_embedder_reads_the_rank_off_each_view_for_per_subset_stems(
+    subset_backbone, aligned_faces, tmp_path
+):
+    """A model with per-subset stems is served from the views alone: the server infers each
+    view's rank, undoes its permutation and picks the subset's stem, in torch and in ONNX
+    Runtime alike; so two permutations of one subset embed exactly alike."""
+    from enrollment import wire
+    from enrollment.model_io import save_model
+    from enrollment.partialface import protect
+    from enrollment.profiles import get_profile
+    from privface.client import protect_many
+    from privface.embedding import Embedder
+
+    path = tmp_path / "stems.pt"
+    save_model(path, subset_backbone, "partialface", "partialface-paper", {})
+    onnx = Embedder(path, threads=1, threshold=0.5)
+    eager = Embedder(path, threads=1, threshold=0.5, runtime="torch")
+    profile = get_profile("partialface-paper")
+    views = [onnx.decode(b, "s") for b in protect_many(aligned_faces, profile,
+                                                       rng=np.random.default_rng(3))]
+    np.testing.assert_allclose(onnx.embed(views), eager.embed(views), rtol=0, atol=2e-5)
+    # one face, one subset, the six permutations: one embedding
+    sent = protect(np.repeat(aligned_faces[:1], 6, axis=0), [[4, p] for p in range(6)])
+    arrays = [eager.decode(wire.encode(v[None].astype(np.float16), profile), "s") for v in sent]
+    e = eager.embed(arrays)
+    np.testing.assert_allclose(e, np.repeat(e[:1], 6, axis=0), rtol=0, atol=1e-6)
