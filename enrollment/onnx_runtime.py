@@ -56,6 +56,15 @@ class _OneSubset(torch.nn.Module):
         return m.head(m.body(m.stem[1:](x)))
 
 
+def subset_groups(n: int, subsets: np.ndarray | None) -> list[tuple[int | None, np.ndarray]]:
+    """(subset, member indices) per subset present, or one group of all ``n`` inputs when
+    the graph has one stem (``subsets`` None): how a batch is cut for per-subset graphs."""
+    if subsets is None:
+        return [(None, np.arange(n))]
+    subsets = np.asarray(subsets)
+    return [(int(s), np.flatnonzero(subsets == s)) for s in np.unique(subsets)]
+
+
 def export_onnx(model: Backbone) -> bytes:
     """The eval-mode model, BatchNorms folded, as an ONNX graph with a dynamic batch axis:
     input ``x`` (N, C, H, W) float32, output ``e`` (N, embedding_size), not normalised.
@@ -151,12 +160,8 @@ class OnnxModel:
             raise ValueError("this graph has per-subset stems: give each input's subset")
         session = self.sessions[x.dtype]
         name = session.get_inputs()[0].name
-        groups = [(None, np.arange(len(x)))]
-        if self.per_subset:
-            subsets = np.asarray(subsets)
-            groups = [(s, np.flatnonzero(subsets == s)) for s in np.unique(subsets)]
         e = np.empty((len(x), self.embedding_size), np.float32)
-        for subset, members in groups:
+        for subset, members in subset_groups(len(x), subsets if self.per_subset else None):
             feed = {} if subset is None else {"subset": np.array([subset], np.int64)}
             for i in range(0, len(members), batch_size):
                 rows = members[i : i + batch_size]
@@ -200,14 +205,10 @@ def quantize_int8(
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
             x = np.asarray(calibration, np.float32)
-            if subsets is None:
-                groups = [(None, np.arange(len(x)))]
-            else:
-                groups = [(s, np.flatnonzero(subsets == s)) for s in np.unique(subsets)]
             self.batches = iter(
                 {"x": x[m[i : i + batch_size]]}
                 | ({} if s is None else {"subset": np.array([s], np.int64)})
-                for s, m in groups
+                for s, m in subset_groups(len(x), subsets)
                 for i in range(0, len(m), batch_size)
             )
 

@@ -360,6 +360,13 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     """Train (or resume) into ``out_dir``; returns the final summary."""
     if config.feature_teacher and config.feature_weight <= 0:
         raise ValueError("a feature teacher needs a positive feature weight (--feature-weight)")
+    if config.backbone.subset_stems and (
+        not per_subset(config)
+        or config.backbone.subset_stems != len(get_profile(config.profile).subsets)
+    ):
+        raise ValueError(
+            "per-subset stems need random ranks of a PartialFace profile, one stem per subset"
+        )
     if config.threads:
         torch.set_num_threads(config.threads)
     precision = resolve_precision(config.precision)
@@ -394,13 +401,6 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         torch.full((n_subsets,), 1.0 / n_subsets, dtype=torch.float64) if n_subsets else None
     )
 
-    if config.backbone.subset_stems and (
-        not per_subset(config)
-        or config.backbone.subset_stems != len(get_profile(config.profile).subsets)
-    ):
-        raise ValueError(
-            "per-subset stems need random ranks of a PartialFace profile, one stem per subset"
-        )
     in_ch = {"partialface": 27, "rgb": 3, "hfcf": 71}[config.kind]
     bcfg = BackboneConfig.from_dict({**config.backbone.to_dict(), "in_channels": in_ch})
     model = Backbone(bcfg)
