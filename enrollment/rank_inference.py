@@ -9,7 +9,7 @@ the next (the kinks of the interpolation drift through the blocks).  The log ene
 of a channel over rows and columns therefore names its (u, v); the nine profiles of the Y
 plane, matched against analytic templates and constrained to the candidate set, name the
 rank.  Measured on all 13,233 LFW faces (aligned, a random rank each, float16 as on the
-wire): 4 ranks wrong in colour, 1 in greyscale, none mirrored; on 400 raw crops also every
+wire): 3 ranks wrong in colour, 2 in greyscale, 3 mirrored; on 400 raw crops also every
 rank right when blurred (sigma 1.5), darkened (1/4) or noisy (sigma 8).
 ``bench/rank_inference.py`` measures it.
 
