@@ -29,10 +29,10 @@ from enrollment import evaluation as ev
 from enrollment import partialface as pf
 from enrollment import rank_inference as ri
 from enrollment.profiles import get_profile
+from enrollment.training import GREY
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CACHE = Path(os.environ.get("PRIVFACE_BENCH_CACHE", "~/.cache/privface")).expanduser()
-GREY = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def least_tv(x: np.ndarray, profile) -> tuple[int, int]:

@@ -111,9 +111,16 @@ class SubsetConv(nn.Module):
         self.bias: nn.Parameter | None = None  # (n_subsets * c_out,) once a BN is folded in
 
     def forward(self, x: torch.Tensor, subsets: torch.Tensor) -> torch.Tensor:
+        """``subsets``: (N,) one per sample, or (1,) for the whole batch (the exported graph's
+        form: the weights are selected inside the graph, a Gather feeding the Conv)."""
         if subsets is None:
             raise ValueError("a model with per-subset stems needs each input's subset")
         subsets = torch.as_tensor(subsets, dtype=torch.long)
+        n = self.weight.shape[0] // self.c_out
+        if subsets.numel() == 1:
+            w = self.weight.reshape(n, self.c_out, *self.weight.shape[1:]).index_select(0, subsets)
+            b = None if self.bias is None else self.bias.reshape(n, -1).index_select(0, subsets)[0]
+            return nn.functional.conv2d(x, w[0], b, self.stride, 1)
         out = None
         for s in torch.unique(subsets).tolist():
             members = torch.nonzero(subsets == s).flatten()

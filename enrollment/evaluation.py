@@ -87,9 +87,9 @@ def model_embedder(
             views = [faces, faces.flip(-1)] if flip else [faces]
             total = 0
             for v, ranks in zip(views, ranks_for(len(chunk), len(views), rng), strict=True):
-                x, subsets = model_inputs(v, info["kind"], profile, ranks), None
-                if profile is not None:  # as the server does (rank read off the input)
-                    x, subsets = served_inputs(model.config, x, profile)
+                # as the server does: per-subset stems get the rank read off the input
+                x = model_inputs(v, info["kind"], profile, ranks)
+                x, subsets = served_inputs(model.config, x, profile)
                 if int8:
                     e = int8.embed(x, subsets)
                 else:

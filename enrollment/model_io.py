@@ -17,7 +17,7 @@ import torch
 from enrollment import hfcf, partialface, rank_inference
 from enrollment.backbone import Backbone, BackboneConfig
 from enrollment.frequency import coefficient_maps, rgb_to_ycbcr_shifted
-from enrollment.profiles import ProtectionProfile, get_profile
+from enrollment.profiles import ProtectionProfile, get_profile, rank_table
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = WEIGHTS_DIR / "partialface-paper.pt"
@@ -30,16 +30,6 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def rank_table(profile: ProtectionProfile) -> np.ndarray:
-    """(subsets, permutations, 27) channel indices of every rank of a profile."""
-    return np.array(
-        [
-            [profile.rank_channels(s, p) for p in range(len(profile.permutations))]
-            for s in range(len(profile.subsets))
-        ]
-    )
 
 
 def model_inputs(

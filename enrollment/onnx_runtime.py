@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from enrollment.backbone import Backbone, fold_batchnorm, standardise
+from enrollment.backbone import Backbone, fold_batchnorm
 from enrollment.model_io import file_sha256
 
 
@@ -34,26 +34,6 @@ def available() -> bool:
     except ImportError:
         return False
     return True
-
-
-class _OneSubset(torch.nn.Module):
-    """A per-subset-stem model for export: the whole batch belongs to one subset, given as
-    a second input ``subset`` (1,) int64 that selects the stem's weights inside the graph
-    (a Gather feeding the Conv), so one graph serves every subset."""
-
-    def __init__(self, folded: Backbone) -> None:
-        super().__init__()
-        self.m = folded
-
-    def forward(self, x: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:
-        m, conv = self.m, self.m.stem[0]
-        if m.config.standardise:
-            x = standardise(x)
-        n = conv.weight.shape[0] // conv.c_out
-        w = conv.weight.reshape(n, conv.c_out, *conv.weight.shape[1:]).index_select(0, subset)
-        b = conv.bias.reshape(n, conv.c_out).index_select(0, subset)
-        x = torch.nn.functional.conv2d(x, w[0], b[0], conv.stride, 1)
-        return m.head(m.body(m.stem[1:](x)))
 
 
 def subset_groups(n: int, subsets: np.ndarray | None) -> list[tuple[int | None, np.ndarray]]:
@@ -74,8 +54,7 @@ def export_onnx(model: Backbone) -> bytes:
     cfg = model.config
     example: tuple = (torch.zeros(1, cfg.in_channels, cfg.input_size, cfg.input_size),)
     names = ["x"]
-    if cfg.subset_stems:
-        folded = _OneSubset(folded).eval()
+    if cfg.subset_stems:  # one subset for the whole batch (OnnxModel.embed groups by it)
         example, names = (*example, torch.zeros(1, dtype=torch.long)), ["x", "subset"]
     buf = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript exporter announces its deprecation

@@ -75,6 +75,16 @@ def _partialface(name: str, factor: int, description: str) -> ProtectionProfile:
     )
 
 
+def rank_table(profile: ProtectionProfile) -> np.ndarray:
+    """(subsets, permutations, 27) channel indices of every rank of a profile."""
+    return np.array(
+        [
+            [profile.rank_channels(s, p) for p in range(len(profile.permutations))]
+            for s in range(len(profile.subsets))
+        ]
+    )
+
+
 PROFILES: dict[str, ProtectionProfile] = {
     p.name: p
     for p in (

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from enrollment.frequency import analysis_operators
-from enrollment.profiles import ProtectionProfile
+from enrollment.profiles import ProtectionProfile, rank_table
 
 #: Correlation of neighbouring pixels in the image model of the templates (K_ab = rho^|a-b|);
 #: 0.9 and 0.97 both identified every rank of the test faces, 0.9 with the wider margin.
@@ -37,29 +37,18 @@ PIXEL_CORRELATION = 0.9
 
 
 @lru_cache(maxsize=8)
-def _templates(factor: int, pruned: tuple[int, ...]) -> np.ndarray:
-    """(54, 2 * side) unit-norm, mean-free log energy profiles (rows, then columns) of every
-    kept frequency, in kept-position order, under a stationary image model."""
+def _templates(factor: int) -> np.ndarray:
+    """(64, 2 * side) unit-norm, mean-free log energy profiles (rows, then columns) of every
+    DCT frequency k = 8u + v, under a stationary image model."""
     m = analysis_operators(factor)  # (8, side, 112)
     a = np.arange(m.shape[-1])
     k = PIXEL_CORRELATION ** np.abs(a[:, None] - a[None, :])
     gain = np.log(np.einsum("uis,st,uit->ui", m, k, m))  # (8, side)
-    kept = [q for q in range(64) if q not in pruned]
-    t = np.stack([np.concatenate([gain[q // 8], gain[q % 8]]) for q in kept])
+    t = np.concatenate([np.repeat(gain, 8, axis=0), np.tile(gain, (8, 1))], axis=1)
     t -= t.mean(axis=1, keepdims=True)
     t /= np.linalg.norm(t, axis=1, keepdims=True)
     t.setflags(write=False)
     return t
-
-
-def _positions(profile: ProtectionProfile) -> np.ndarray:
-    """(subsets, permutations, 9) kept positions in the order a rank sends them."""
-    return np.array(
-        [
-            [[subset[j] for j in perm] for perm in profile.permutations]
-            for subset in profile.subsets
-        ]
-    )
 
 
 def channel_profiles(x: torch.Tensor | np.ndarray, n: int = 9) -> np.ndarray:
@@ -78,11 +67,10 @@ def rank_scores(x: torch.Tensor | np.ndarray, profile: ProtectionProfile) -> np.
     template of the frequency the rank would put there (9 for a perfect match)."""
     if profile.method != "partialface":
         raise ValueError(f"rank inference needs a PartialFace profile, not {profile.method!r}")
-    t = _templates(profile.factor, tuple(profile.pruned))
-    s = np.einsum("nkd,fd->nkf", channel_profiles(x, len(profile.subsets[0])), t)
-    pos = _positions(profile)  # (S, P, 9)
-    slot = np.arange(pos.shape[-1])
-    return s[:, slot, pos].sum(-1)  # s[n, slot, pos[S, P, slot]] -> (N, S, P)
+    n = len(profile.subsets[0])
+    s = np.einsum("nkd,fd->nkf", channel_profiles(x, n), _templates(profile.factor))
+    freq = rank_table(profile)[..., :n] % 64  # (S, P, 9): the Y plane's frequency per slot
+    return s[:, np.arange(n), freq].sum(-1)  # s[n, slot, freq[S, P, slot]] -> (N, S, P)
 
 
 def infer_ranks(

@@ -46,11 +46,16 @@ def aligned_faces(lfw_dir: Path) -> np.ndarray:
     return np.stack([align_file(f).image for f in files])
 
 
-def _randomise_statistics(m):
-    """Non-trivial BatchNorm statistics and PReLU slopes (fresh ones are the identity and
-    0.25 everywhere, which would hide a folding or export error)."""
+def _small_backbone(**extra):
+    """A small backbone with non-trivial BatchNorm statistics and PReLU slopes (fresh ones
+    are the identity and 0.25 everywhere, which would hide a folding or export error)."""
     import torch
 
+    from enrollment.backbone import Backbone, BackboneConfig
+
+    torch.manual_seed(0)
+    m = Backbone(BackboneConfig(widths=(8, 16, 16, 32), strides=(2, 2, 2, 2), embedding_size=64,
+                                **extra))
     with torch.no_grad():
         for mod in m.modules():
             if isinstance(mod, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
@@ -65,24 +70,10 @@ def _randomise_statistics(m):
 
 @pytest.fixture(scope="session")
 def small_backbone():
-    """A small backbone with random BatchNorm statistics and PReLU slopes."""
-    import torch
-
-    from enrollment.backbone import Backbone, BackboneConfig
-
-    torch.manual_seed(0)
-    m = Backbone(BackboneConfig(widths=(8, 16, 16, 32), strides=(2, 2, 2, 2), embedding_size=64))
-    return _randomise_statistics(m)
+    return _small_backbone()
 
 
 @pytest.fixture(scope="session")
 def subset_backbone():
     """The same with one stem per subset of the paper's profile (6)."""
-    import torch
-
-    from enrollment.backbone import Backbone, BackboneConfig
-
-    torch.manual_seed(0)
-    m = Backbone(BackboneConfig(widths=(8, 16, 16, 32), strides=(2, 2, 2, 2), embedding_size=64,
-                                subset_stems=6))
-    return _randomise_statistics(m)
+    return _small_backbone(subset_stems=6)
