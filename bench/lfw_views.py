@@ -13,21 +13,17 @@ uses the same draw of subsets and permutations per image.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 from pathlib import Path
 
+import _lfw
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from enrollment import evaluation as ev
 from enrollment.lfw_protocol import held_out_pairs
-from enrollment.model_io import DEFAULT_MODEL, embed, load_model, model_inputs, profile_for
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CACHE = Path(os.environ.get("PRIVFACE_BENCH_CACHE", "~/.cache/privface")).expanduser()
+from enrollment.model_io import embed, model_inputs
 
 #: scheme -> views, each (mirrored?, which subset draw, which permutation draw)
 SCHEMES = {
@@ -42,18 +38,10 @@ SCHEMES = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(DEFAULT_MODEL))
-    ap.add_argument("--data", default=str(DATA))
+    ap = _lfw.parser(__doc__)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    pairs_txt = str(Path(args.data) / "lfw" / "pairs.txt")
-    cache = ev.lfw_cache(Path(args.data) / "lfw", CACHE)
-    model, info = load_model(args.model)
-    profile = profile_for(info)
+    pairs_txt, cache, model, info, profile = _lfw.load(args)
     where = cache.index()
     pairs = held_out_pairs(pairs_txt)
     idx = np.unique([where[p.path_a] for p in pairs] + [where[p.path_b] for p in pairs])

@@ -41,11 +41,14 @@ def model_embedder(
     rank: tuple[int, int] | None = None,
     greyscale: bool = False,
     precision: str = "fp32",
+    all_permutations: bool = False,
 ) -> Embedder:
     """Embeddings of cached faces: random subset per image (or a fixed subset / rank), a random
     permutation per view, + flip.
 
     ``greyscale`` drops the colour first (as from a greyscale camera: Cb = Cr = 0).
+    ``all_permutations`` embeds every view under every permutation of its subset and averages
+    (what a server that reads the rank off the input can do on its own).
     """
     model, info = _load(str(path))
     profile = profile_for(info)
@@ -86,19 +89,31 @@ def model_embedder(
             faces = torch.from_numpy(images).permute(0, 3, 1, 2)
             views = [faces, faces.flip(-1)] if flip else [faces]
             total = 0
-            for v, ranks in zip(views, ranks_for(len(chunk), len(views), rng), strict=True):
-                # as the server does: per-subset stems get the rank read off the input
-                x = model_inputs(v, info["kind"], profile, ranks)
-                x, subsets = served_inputs(model.config, x, profile)
-                if int8:
-                    e = int8.embed(x, subsets)
-                else:
-                    e = embed(model, x, precision=precision, subsets=subsets)
-                total = total + e
+            for v, drawn in zip(views, ranks_for(len(chunk), len(views), rng), strict=True):
+                for ranks in _permuted(drawn, len(profile.permutations)) if all_permutations \
+                        else [drawn]:
+                    # as the server does: per-subset stems get the rank read off the input
+                    x = model_inputs(v, info["kind"], profile, ranks)
+                    x, subsets = served_inputs(model.config, x, profile)
+                    if int8:
+                        e = int8.embed(x, subsets)
+                    else:
+                        e = embed(model, x, precision=precision, subsets=subsets)
+                    total = total + e
             out.append(total / np.linalg.norm(total, axis=1, keepdims=True))
         return np.concatenate(out)
 
     return run
+
+
+def _permuted(ranks: np.ndarray, n_permutations: int) -> list[np.ndarray]:
+    """The ranks with each permutation in turn, subsets kept."""
+    out = []
+    for p in range(n_permutations):
+        r = ranks.copy()
+        r[:, 1] = p
+        out.append(r)
+    return out
 
 
 def teacher_embedder(cache: FaceCache) -> Embedder:
@@ -259,10 +274,12 @@ def variants(
     flip: bool,
     greyscale: bool = False,
     precision: str = "fp32",
+    all_permutations: bool = False,
 ) -> dict[str, Embedder]:
     """The embedders to compare, by JSON name (the teacher always sees colour)."""
     out: dict[str, Embedder] = {}
-    kw = {"flip": flip, "greyscale": greyscale, "precision": precision}
+    kw = {"flip": flip, "greyscale": greyscale, "precision": precision,
+          "all_permutations": all_permutations}
     if "protected" in models:
         out["protected"] = model_embedder(models["protected"], cache, seed, **kw)
         for s in range(6):

@@ -170,6 +170,12 @@ def quantize_int8(
     doubled the file (its 2.1 M weights in float32).  The per-sample standardisation at the
     start stays float: its input spans ~1000x between channels.  A model with per-subset
     stems calibrates on batches of one subset each (``subsets``: the calibration inputs').
+
+    Weights use 7 of their 8 bits (``reduce_range``): on a CPU without VNNI (AVX2 only, e.g.
+    AMD Zen 3) ONNX Runtime's uint8 x int8 products saturate otherwise.  Measured on such a
+    CPU, the shipped model's graph on 64 training-split faces (two views each): cosine to fp32
+    mean / min 0.9976 / 0.9928 with 8-bit weights, 0.9983 / 0.9959 with 7; a small test
+    network with per-subset stems went from a minimum of 0.976 to above 0.98.
     """
     import onnx
     from onnxruntime.quantization import (
@@ -204,6 +210,7 @@ def quantize_int8(
         quantize_static(
             str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+            reduce_range=True,
             calibrate_method=CalibrationMethod.Percentile,
             extra_options={"CalibPercentile": 99.99}, nodes_to_exclude=keep_float,
         )

@@ -107,3 +107,21 @@ def canonicalise(
     canon = torch.gather(x, 1, idx[:, :, None, None].expand(-1, -1, *x.shape[-2:]))
     return canon, ranks[:, 0], margin
 
+
+
+def every_permutation(x: torch.Tensor | np.ndarray, profile: ProtectionProfile):
+    """(N * P, C, H, W) of N protected views: each view under every permutation of the subset
+    read off it (view-major, permutations in profile order), same type and dtype as ``x``.
+
+    A model trained on random ranks embeds the permutations of one subset a little
+    differently; averaging over all of them removes that part of the rank's noise, at P times
+    the model's work (``Settings.average_permutations``)."""
+    ranks, _ = infer_ranks(x, profile)
+    n, n_perm, s = len(ranks), len(profile.permutations), len(profile.subsets[0])
+    canon = canonical_order(ranks, profile).reshape(n, -1, s)  # input channel of element e
+    perms = np.asarray(profile.permutations)  # slot j of permutation q holds element perms[q, j]
+    idx = np.take(canon, perms, axis=2).transpose(0, 2, 1, 3).reshape(n * n_perm, -1)
+    rows = np.repeat(np.arange(n), n_perm)[:, None]
+    if isinstance(x, torch.Tensor):
+        return x[torch.from_numpy(rows), torch.from_numpy(idx)]
+    return x[rows, idx]

@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="ROC (lfw) or DET (identify) curve PNG")
     p.add_argument("--no-flip", action="store_true", help="no flip test-time augmentation")
     p.add_argument("--greyscale", action="store_true", help="models see greyscale faces")
+    p.add_argument("--average-permutations", action=argparse.BooleanOptionalAction,
+                   default=None, help="embed each view under every permutation of its subset "
+                   "and average, as the service does (default: the average_permutations "
+                   "setting, on)")
     p.add_argument("--only", help="comma-separated variants to run (e.g. protected,teacher)")
     p.add_argument("--draws", type=int, default=1,
                    help="lfw: also the protected model's mean accuracy over N draws of the "

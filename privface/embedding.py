@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from enrollment import onnx_runtime, wire
+from enrollment import onnx_runtime, rank_inference, wire
 from enrollment.backbone import fold_batchnorm
 from enrollment.model_io import (
     DEFAULT_MODEL,
@@ -103,6 +103,27 @@ def resolve_threshold(meta: dict, override: float) -> tuple[float, str]:
     return float(value), "model"
 
 
+def _averaged_over_permutations(
+    run: Callable[[np.ndarray], np.ndarray], profile: ProtectionProfile
+) -> Callable[[np.ndarray], np.ndarray]:
+    """``run`` on every permutation of each view's subset (read off the view), summed per view.
+
+    The model embeds the permutations of one subset a little differently; the server can
+    read the rank off a view (``rank_inference``), so it removes that noise itself, at P
+    times the model's work (LFW: docs/model-card.md, "Averaging over the permutations")."""
+    n_perm = len(profile.permutations)
+    step = max(1, BATCH // n_perm)  # views per model call: ~BATCH inputs, bounded memory
+
+    def averaged(x: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(0, len(x), step):
+            e = run(rank_inference.every_permutation(x[i : i + step], profile))
+            out.append(e.reshape(-1, n_perm, e.shape[1]).sum(axis=1))
+        return np.concatenate(out)
+
+    return averaged
+
+
 class Embedder:
     """The shipped model behind a lock, with input validation."""
 
@@ -114,6 +135,7 @@ class Embedder:
         threshold: float = 0.0,
         precision: str = "fp32",
         runtime: str = "auto",
+        average_permutations: bool = True,
     ) -> None:
         # bad settings fail before the load
         if precision not in SERVING_PRECISIONS:
@@ -170,6 +192,13 @@ class Embedder:
             where = f"torch {self.precision}"
         if config.subset_stems:
             where += ", per-subset stems (rank read off each view)"
+        # a per-subset-stem model undoes the permutation itself: nothing left to average
+        self.average_permutations = bool(
+            average_permutations and self.card.kind == "partialface" and not config.subset_stems
+        )
+        if self.average_permutations:
+            run = _averaged_over_permutations(run, profile)
+            where += f", each view under all {len(profile.permutations)} permutations"
         self._embed_views: Callable[[np.ndarray], np.ndarray] = run
         self._digest = self.card.profile.digest()  # asdict + JSON + SHA-256: once, not per view
         self._lock = threading.Lock()

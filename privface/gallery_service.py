@@ -876,7 +876,8 @@ class GalleryEngine:
             "template_key_id": self.current_template_key_id(),
             "max_message_bytes": self.max_message_bytes,
             "max_views_per_input": MAX_VIEWS,
-            "model_runtime": f"{self.embedder.runtime} {self.embedder.precision}",
+            "model_runtime": f"{self.embedder.runtime} {self.embedder.precision}"
+            + (", permutation-averaged" if self.embedder.average_permutations else ""),
         }
 
     # ------------------------------------------------------------------ galleries

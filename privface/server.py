@@ -185,7 +185,8 @@ def build_server(settings: Settings, *, warm_up: bool = True) -> RunningServer:
     # The model first: a missing model or threshold fails before any database starts.
     embedder = Embedder(settings.model_path or None, threads=settings.torch_threads,
                         threshold=settings.threshold, precision=settings.model_precision,
-                        runtime=settings.model_runtime)
+                        runtime=settings.model_runtime,
+                        average_permutations=settings.average_permutations)
     set_search_threads(settings.index_threads)
     url, embedded = database_url(settings)
     try:

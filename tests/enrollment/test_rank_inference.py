@@ -63,6 +63,24 @@ def test_canonicalise_undoes_the_permutation_exactly(aligned_faces):
     np.testing.assert_allclose(canon[:1].numpy(), first, rtol=1e-5, atol=1e-4)
 
 
+def test_every_permutation_is_the_subset_under_each_permutation(aligned_faces):
+    """What the server re-creates from one view equals what the client would have sent under
+    each permutation of the view's subset, exactly, for tensors and float16 arrays alike."""
+    rng = np.random.default_rng(7)
+    ranks = pf.draw_ranks(len(aligned_faces), rng)
+    faces = torch.from_numpy(aligned_faces.astype(np.float32)).permute(0, 3, 1, 2)
+    sent = model_inputs(faces, "partialface", PROFILE, ranks)
+    every = ri.every_permutation(sent, PROFILE).reshape(len(faces), 6, *sent.shape[1:])
+    as_wire = ri.every_permutation(sent.numpy().astype(np.float16), PROFILE)
+    assert as_wire.dtype == np.float16 and as_wire.shape == (len(faces) * 6, *sent.shape[1:])
+    for p in range(6):
+        expected = model_inputs(faces, "partialface", PROFILE, np.c_[ranks[:, 0], np.full(
+            len(faces), p)])
+        assert torch.equal(every[:, p], expected)
+        np.testing.assert_array_equal(as_wire.reshape(every.shape)[:, p],
+                                      expected.numpy().astype(np.float16))
+
+
 def test_rank_inference_refuses_other_methods():
     with pytest.raises(ValueError, match="PartialFace"):
         ri.rank_scores(np.zeros((1, 71, 112, 112)), get_profile("hfcf"))

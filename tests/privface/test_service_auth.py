@@ -111,7 +111,7 @@ def test_server_info_says_who_calls(service):
     assert info.principal == "team-a-app" and sorted(info.roles) == ["enroll", "identify"]
     assert info.profile == "partialface-paper" and info.template_key_id == "tmap-1"
     assert info.default_threshold != 0 and info.threshold_source in ("model", "settings")
-    assert info.model_runtime == "onnx fp32"  # the default settings
+    assert info.model_runtime == "onnx fp32, permutation-averaged"  # the default settings
 
 
 def test_health_and_reflection_need_no_token(service):

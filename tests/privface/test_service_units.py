@@ -346,3 +346,37 @@ def test_embedder_reads_the_rank_off_each_view_for_per_subset_stems(
     arrays = [eager.decode(wire.encode(v[None].astype(np.float16), profile), "s") for v in sent]
     e = eager.embed(arrays)
     np.testing.assert_allclose(e, np.repeat(e[:1], 6, axis=0), rtol=0, atol=1e-6)
+
+
+def test_embedder_averages_each_view_over_the_permutations_of_its_subset(
+    service_model, aligned_faces
+):
+    """By default the server embeds each view under all six permutations of the subset it
+    reads off the view and averages: what the model gives for those six inputs, averaged,
+    whichever permutation the client drew; ``average_permutations = False`` embeds the view
+    as sent."""
+    import torch
+
+    from enrollment.model_io import embed, load_model, model_inputs
+    from enrollment.partialface import protect
+    from enrollment.profiles import get_profile
+    from privface.embedding import Embedder
+
+    profile = get_profile("partialface-paper")
+    kw = {"threads": 1, "threshold": 0.5, "runtime": "torch"}
+    averaged, as_sent = Embedder(service_model.path, **kw), Embedder(
+        service_model.path, average_permutations=False, **kw)
+    assert averaged.average_permutations and not as_sent.average_permutations
+    assert not load_settings(env={"PRIVFACE_AVERAGE_PERMUTATIONS": "0"}).average_permutations
+    face = aligned_faces[:1]
+    sent = [protect(face, [[3, p]]) for p in range(6)]  # one view each, six permutations
+    e = averaged.embed(sent)
+    np.testing.assert_allclose(e, np.repeat(e[:1], 6, axis=0), rtol=0, atol=1e-5)
+    model, _ = load_model(service_model.path)
+    faces = torch.from_numpy(np.repeat(face, 6, axis=0).astype(np.float32)).permute(0, 3, 1, 2)
+    each = embed(model, model_inputs(faces, "partialface", profile, np.c_[[3] * 6, range(6)]))
+    mean = each.sum(axis=0) / np.linalg.norm(each.sum(axis=0))
+    np.testing.assert_allclose(e[0], mean, rtol=0, atol=1e-5)
+    single = as_sent.embed(sent)
+    np.testing.assert_allclose(single, each, rtol=0, atol=1e-5)
+    assert np.abs(single - e).max() > 1e-3

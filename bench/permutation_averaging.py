@@ -1,0 +1,158 @@
+"""What the server gains by averaging each view over every permutation of its subset.
+
+The server reads a view's rank off the view (``enrollment.rank_inference``), so it can embed
+the view under all six permutations of its subset and average (``Settings.
+average_permutations``, on by default) instead of embedding the one permutation the client
+drew. Both ways are measured on the same draw of subsets and permutations per image (the
+face and its mirror share one subset, as the client sends them), for every image of the
+people of LFW folds 6-10:
+
+* LFW verification, folds 6-10: accuracy (threshold cross-validated over the folds), TAR at
+  FAR 1e-3;
+* 1:N identification (method.md §7: first image enrolled, others mated probes, single-image
+  people non-mated): rank-1, rank-5, FNIR at FPIR 0.01;
+* the decision threshold: FAR 1e-3 from ~300k random different-person pairs of protected
+  templates (one gallery key), and the false-match rate at the threshold the model file
+  carries.
+
+The model runs under ONNX Runtime fp32 (BatchNorm folded; the service's default runtime).
+
+    python bench/permutation_averaging.py --seeds 0,1 \
+        --json bench/results/permutation-averaging.json
+"""
+
+from __future__ import annotations
+
+import _threads  # first: sets the BLAS thread count before numpy is imported
+
+THREADS = _threads.THREADS
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import _lfw
+
+from enrollment import evaluation as ev
+from enrollment import identity_mapping as im
+from enrollment import onnx_runtime, partialface
+from enrollment.lfw_protocol import held_out_pairs
+from enrollment.metrics import (
+    cross_validated_accuracy,
+    identification,
+    tar_at_far,
+    threshold_at_far,
+)
+from enrollment.model_io import model_inputs
+
+MODES = ("as sent", "averaged over the permutations")
+
+
+def embeddings(graph, profile, cache, idx: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Per image: the sum of its two views as sent, and of its two views under every
+    permutation of their subset (both unit-normalised)."""
+    rng = np.random.default_rng(seed)
+    n_perm = len(profile.permutations)
+    s = len(profile.subsets[0])
+    perms = np.asarray(profile.permutations)
+    planes = np.arange(profile.channels // s) * s
+    drawn = partialface.draw_view_ranks(len(idx), 2, rng, len(profile.subsets), n_perm)
+    drawn = drawn.reshape(len(idx), 2, 2)
+    sent, averaged = [], []
+    for i in tqdm(range(0, len(idx), 64), desc=f"embed seed {seed}", unit="batch"):
+        chunk = slice(i, i + 64)
+        faces = torch.from_numpy(cache.images[idx[chunk]].astype(np.float32)).permute(0, 3, 1, 2)
+        e_sent = e_avg = 0
+        for v, view in enumerate((faces, faces.flip(-1))):
+            ranks = drawn[chunk, v]
+            canon = model_inputs(view, "partialface", profile, ranks, canonical=True)
+            # every permutation q of the subset: slot j of plane c holds element perms[q, j]
+            order = (planes[None, :, None] + perms[:, None, :]).reshape(n_perm, -1)
+            x = canon[:, torch.from_numpy(order)].reshape(-1, *canon.shape[1:])
+            e = graph.embed(x.numpy(), None, batch_size=64).reshape(len(view), n_perm, -1)
+            e_sent = e_sent + e[np.arange(len(view)), ranks[:, 1]]
+            e_avg = e_avg + e.sum(axis=1)
+        sent.append(e_sent)
+        averaged.append(e_avg)
+    out = {}
+    for mode, parts in zip(MODES, (sent, averaged), strict=True):
+        e = np.concatenate(parts).astype(np.float64)
+        out[mode] = e / np.linalg.norm(e, axis=1, keepdims=True)
+    return out
+
+
+def measure(e: np.ndarray, cache, idx, pairs, split, shipped: float, seed: int) -> dict:
+    pos = {int(j): k for k, j in enumerate(idx)}
+    where = cache.index()
+    a = np.array([pos[where[p.path_a]] for p in pairs])
+    b = np.array([pos[where[p.path_b]] for p in pairs])
+    scores = np.sum(e[a] * e[b], axis=1)
+    same = np.array([p.same for p in pairs])
+    acc, std, _ = cross_validated_accuracy(scores, same, np.array([p.fold for p in pairs]))
+    tar, _ = tar_at_far(scores, same, 1e-3)
+    g = np.array([pos[int(j)] for j in split["gallery"]])
+    p = np.array([pos[int(j)] for j in split["probes"]])
+    ident = identification(e[p] @ e[g].T, cache.labels[split["gallery"]],
+                           cache.labels[split["probes"]], split["mated"])
+    # the threshold, on protected templates under one gallery key (what the service scores)
+    t = im.protect(e, im.derive_key(ev.MAPPING_SECRET, "gallery:eval:v1"))
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    names = cache.labels[idx]
+    rng = np.random.default_rng(seed)
+    i, j = rng.integers(0, len(idx), (2, 300_000))
+    keep = names[i] != names[j]
+    impostor = np.sum(t[i[keep]] * t[j[keep]], axis=1)
+    return {
+        "accuracy": acc,
+        "accuracy_std": std,
+        "tar_at_far_1e-3": tar,
+        "rank1": ident["rank1"],
+        "rank5": ident["rank5"],
+        "fnir_at_fpir_0.01": ident["fnir_at_fpir_0.01"],
+        "impostor_pairs": int(keep.sum()),
+        "threshold_far_1e-3": threshold_at_far(impostor, 1e-3),
+        "far_at_shipped_threshold": float(np.mean(impostor >= shipped)),
+    }
+
+
+def main() -> None:
+    ap = _lfw.parser(__doc__)
+    ap.add_argument("--seeds", default="0")
+    args = ap.parse_args()
+    pairs_txt, cache, model, info, profile = _lfw.load(args)
+    shipped = float((info.get("meta") or {})["threshold_far_1e-3"])
+    graph = onnx_runtime.OnnxModel.of(model, args.threads)
+    split = ev.identification_split(cache, pairs_txt)
+    idx = np.unique(np.concatenate([split["gallery"], split["probes"]]))
+    pairs = held_out_pairs(pairs_txt)
+    out = {"model": args.model, "images": int(len(idx)), "shipped_threshold": shipped,
+           "threads": args.threads, "date": time.strftime("%Y-%m-%d %H:%M"), "seeds": {}}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        start = time.perf_counter()
+        e = embeddings(graph, profile, cache, idx, seed)
+        out["seeds"][str(seed)] = {
+            mode: measure(e[mode], cache, idx, pairs, split, shipped, seed) for mode in MODES
+        }
+        out["seeds"][str(seed)]["seconds"] = time.perf_counter() - start
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2))
+    keys = ("accuracy", "tar_at_far_1e-3", "rank1", "rank5", "fnir_at_fpir_0.01",
+            "threshold_far_1e-3", "far_at_shipped_threshold")
+    out["mean"] = {mode: {k: float(np.mean([r[mode][k] for r in out["seeds"].values()]))
+                          for k in keys} for mode in MODES}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    print(f"{'mean over seeds ' + args.seeds:<34}" + "".join(f"{k:>20}" for k in keys))
+    for mode in MODES:
+        print(f"{mode:<34}" + "".join(f"{out['mean'][mode][k]:>20.4f}" for k in keys))
+
+
+if __name__ == "__main__":
+    main()
