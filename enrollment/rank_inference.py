@@ -108,8 +108,9 @@ def canonicalise(
     return canon, ranks[:, 0], margin
 
 
-
-def every_permutation(x: torch.Tensor | np.ndarray, profile: ProtectionProfile):
+def every_permutation(
+    x: torch.Tensor | np.ndarray, profile: ProtectionProfile
+) -> torch.Tensor | np.ndarray:
     """(N * P, C, H, W) of N protected views: each view under every permutation of the subset
     read off it (view-major, permutations in profile order), same type and dtype as ``x``.
 

@@ -68,7 +68,8 @@ class Settings:
     #: (torch for bf16, else onnx)
     model_runtime: str = "auto"
     #: embed each view under every permutation of its subset (the server reads the rank off
-    #: the view) and average: +LFW accuracy for 6x the model's work per view (model card)
+    #: the view) and average: one point more 1:N rank-1 on LFW for 6x the model's work per
+    #: view (model card); false embeds the views as sent
     average_permutations: bool = True
     #: FAISS (OpenMP) threads per single search; 1 is fastest under concurrent load
     #: (parallelism comes from the gRPC workers); 0 = OpenMP's default (all cores). Index

@@ -110,7 +110,8 @@ def _averaged_over_permutations(
 
     The model embeds the permutations of one subset a little differently; the server can
     read the rank off a view (``rank_inference``), so it removes that noise itself, at P
-    times the model's work (LFW: docs/model-card.md, "Averaging over the permutations")."""
+    times the model's work (docs/model-card.md, "Averaging each view over the permutations of
+    its subset")."""
     n_perm = len(profile.permutations)
     step = max(1, BATCH // n_perm)  # views per model call: ~BATCH inputs, bounded memory
 
