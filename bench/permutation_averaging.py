@@ -55,9 +55,11 @@ from enrollment.model_io import model_inputs
 MODES = ("as sent", "averaged over the permutations")
 
 
-def embeddings(graph, profile, cache, idx: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+def embeddings(
+    graph, profile, cache, idx: np.ndarray, seed: int, subset: int | None = None
+) -> dict[str, np.ndarray]:
     """Per image: the sum of its two views as sent, and of its two views under every
-    permutation of their subset (both unit-normalised)."""
+    permutation of their subset (both unit-normalised); ``subset``: every image's."""
     rng = np.random.default_rng(seed)
     n_perm = len(profile.permutations)
     s = len(profile.subsets[0])
@@ -65,8 +67,11 @@ def embeddings(graph, profile, cache, idx: np.ndarray, seed: int) -> dict[str, n
     planes = np.arange(profile.channels // s) * s
     drawn = partialface.draw_view_ranks(len(idx), 2, rng, len(profile.subsets), n_perm)
     drawn = drawn.reshape(len(idx), 2, 2)
+    if subset is not None:
+        drawn[:, :, 0] = subset
     sent, averaged = [], []
-    for i in tqdm(range(0, len(idx), 64), desc=f"embed seed {seed}", unit="batch"):
+    what = f"seed {seed}" + ("" if subset is None else f", subset {subset}")
+    for i in tqdm(range(0, len(idx), 64), desc=f"embed {what}", unit="batch"):
         chunk = slice(i, i + 64)
         faces = torch.from_numpy(cache.images[idx[chunk]].astype(np.float32)).permute(0, 3, 1, 2)
         e_sent = e_avg = 0
@@ -88,7 +93,8 @@ def embeddings(graph, profile, cache, idx: np.ndarray, seed: int) -> dict[str, n
     return out
 
 
-def measure(e: np.ndarray, cache, idx, pairs, split, shipped: float, seed: int) -> dict:
+def verification(e: np.ndarray, idx: np.ndarray, cache, pairs) -> dict:
+    """LFW folds 6-10 accuracy and TAR at FAR 1e-3 of embeddings ``e`` of images ``idx``."""
     pos = {int(j): k for k, j in enumerate(idx)}
     where = cache.index()
     a = np.array([pos[where[p.path_a]] for p in pairs])
@@ -97,6 +103,11 @@ def measure(e: np.ndarray, cache, idx, pairs, split, shipped: float, seed: int) 
     same = np.array([p.same for p in pairs])
     acc, std, _ = cross_validated_accuracy(scores, same, np.array([p.fold for p in pairs]))
     tar, _ = tar_at_far(scores, same, 1e-3)
+    return {"accuracy": acc, "accuracy_std": std, "tar_at_far_1e-3": tar}
+
+
+def measure(e: np.ndarray, cache, idx, pairs, split, shipped: float, seed: int) -> dict:
+    pos = {int(j): k for k, j in enumerate(idx)}
     g = np.array([pos[int(j)] for j in split["gallery"]])
     p = np.array([pos[int(j)] for j in split["probes"]])
     ident = identification(e[p] @ e[g].T, cache.labels[split["gallery"]],
@@ -110,9 +121,7 @@ def measure(e: np.ndarray, cache, idx, pairs, split, shipped: float, seed: int) 
     keep = names[i] != names[j]
     impostor = np.sum(t[i[keep]] * t[j[keep]], axis=1)
     return {
-        "accuracy": acc,
-        "accuracy_std": std,
-        "tar_at_far_1e-3": tar,
+        **verification(e, idx, cache, pairs),
         "rank1": ident["rank1"],
         "rank5": ident["rank5"],
         "fnir_at_fpir_0.01": ident["fnir_at_fpir_0.01"],
@@ -125,6 +134,9 @@ def measure(e: np.ndarray, cache, idx, pairs, split, shipped: float, seed: int) 
 def main() -> None:
     ap = _lfw.parser(__doc__)
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--fixed-subsets", action="store_true",
+                    help="instead: LFW verification with every image under one subset, per "
+                         "subset (the spread), seed = the first of --seeds")
     args = ap.parse_args()
     pairs_txt, cache, model, info, profile = _lfw.load(args)
     shipped = float((info.get("meta") or {})["threshold_far_1e-3"])
@@ -134,6 +146,9 @@ def main() -> None:
     pairs = held_out_pairs(pairs_txt)
     out = {"model": args.model, "images": int(len(idx)), "shipped_threshold": shipped,
            "threads": args.threads, "date": time.strftime("%Y-%m-%d %H:%M"), "seeds": {}}
+    if args.fixed_subsets:
+        fixed_subsets(args, graph, profile, cache, pairs, out)
+        return
     for seed in (int(s) for s in args.seeds.split(",")):
         start = time.perf_counter()
         e = embeddings(graph, profile, cache, idx, seed)
@@ -152,6 +167,27 @@ def main() -> None:
     print(f"{'mean over seeds ' + args.seeds:<34}" + "".join(f"{k:>20}" for k in keys))
     for mode in MODES:
         print(f"{mode:<34}" + "".join(f"{out['mean'][mode][k]:>20.4f}" for k in keys))
+
+
+def fixed_subsets(args, graph, profile, cache, pairs, out: dict) -> None:
+    """Accuracy per fixed subset both ways, and the spread (max - min) across subsets."""
+    where = cache.index()
+    idx = np.unique([where[p.path_a] for p in pairs] + [where[p.path_b] for p in pairs])
+    seed = int(args.seeds.split(",")[0])
+    out.update(images=int(len(idx)), seed=seed, subsets={})
+    for s in range(len(profile.subsets)):
+        e = embeddings(graph, profile, cache, idx, seed, subset=s)
+        out["subsets"][str(s)] = {m: verification(e[m], idx, cache, pairs) for m in MODES}
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2))
+    out["spread"] = {}
+    for m in MODES:
+        acc = [r[m]["accuracy"] for r in out["subsets"].values()]
+        out["spread"][m] = max(acc) - min(acc)
+        print(f"{m:<34}" + "".join(f"{a * 100:>8.2f}" for a in acc)
+              + f"   spread {out['spread'][m] * 100:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
