@@ -42,7 +42,7 @@ import _lfw
 
 from enrollment import evaluation as ev
 from enrollment import identity_mapping as im
-from enrollment import onnx_runtime, partialface
+from enrollment import onnx_runtime, partialface, rank_inference
 from enrollment.lfw_protocol import held_out_pairs
 from enrollment.metrics import (
     cross_validated_accuracy,
@@ -62,9 +62,7 @@ def embeddings(
     permutation of their subset (both unit-normalised); ``subset``: every image's."""
     rng = np.random.default_rng(seed)
     n_perm = len(profile.permutations)
-    s = len(profile.subsets[0])
-    perms = np.asarray(profile.permutations)
-    planes = np.arange(profile.channels // s) * s
+    order = torch.from_numpy(rank_inference.permutation_orders(profile))
     drawn = partialface.draw_view_ranks(len(idx), 2, rng, len(profile.subsets), n_perm)
     drawn = drawn.reshape(len(idx), 2, 2)
     if subset is not None:
@@ -78,9 +76,7 @@ def embeddings(
         for v, view in enumerate((faces, faces.flip(-1))):
             ranks = drawn[chunk, v]
             canon = model_inputs(view, "partialface", profile, ranks, canonical=True)
-            # every permutation q of the subset: slot j of plane c holds element perms[q, j]
-            order = (planes[None, :, None] + perms[:, None, :]).reshape(n_perm, -1)
-            x = canon[:, torch.from_numpy(order)].reshape(-1, *canon.shape[1:])
+            x = canon[:, order].reshape(-1, *canon.shape[1:])
             e = graph.embed(x.numpy(), None, batch_size=64).reshape(len(view), n_perm, -1)
             e_sent = e_sent + e[np.arange(len(view)), ranks[:, 1]]
             e_avg = e_avg + e.sum(axis=1)

@@ -108,6 +108,16 @@ def canonicalise(
     return canon, ranks[:, 0], margin
 
 
+def permutation_orders(profile: ProtectionProfile) -> np.ndarray:
+    """(P, C) gather indices: row q takes inputs in canonical order (permutation 0, see
+    :func:`canonical_order`) to permutation q's order (slot j of each plane holds element
+    ``permutations[q][j]``)."""
+    s = len(profile.subsets[0])
+    planes = np.arange(profile.channels // s) * s
+    perms = np.asarray(profile.permutations)
+    return (planes[None, :, None] + perms[:, None, :]).reshape(len(perms), -1)
+
+
 def every_permutation(
     x: torch.Tensor | np.ndarray, profile: ProtectionProfile
 ) -> torch.Tensor | np.ndarray:
@@ -118,11 +128,9 @@ def every_permutation(
     differently; averaging over all of them removes that part of the rank's noise, at P times
     the model's work (``Settings.average_permutations``)."""
     ranks, _ = infer_ranks(x, profile)
-    n, n_perm, s = len(ranks), len(profile.permutations), len(profile.subsets[0])
-    canon = canonical_order(ranks, profile).reshape(n, -1, s)  # input channel of element e
-    perms = np.asarray(profile.permutations)  # slot j of permutation q holds element perms[q, j]
-    idx = np.take(canon, perms, axis=2).transpose(0, 2, 1, 3).reshape(n * n_perm, -1)
-    rows = np.repeat(np.arange(n), n_perm)[:, None]
+    canon = canonical_order(ranks, profile)  # (N, C): input channel of each canonical slot
+    idx = np.take(canon, permutation_orders(profile), axis=1).reshape(-1, canon.shape[1])
+    rows = np.repeat(np.arange(len(ranks)), len(profile.permutations))[:, None]
     if isinstance(x, torch.Tensor):
         return x[torch.from_numpy(rows), torch.from_numpy(idx)]
     return x[rows, idx]
