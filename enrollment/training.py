@@ -7,7 +7,9 @@ sample draws a fresh random rank each time it is used and is used ``uses_per_epo
 per epoch.  Colour can be missing in the field (greyscale cameras), so a fraction of samples
 is turned grey while keeping the colour teacher's target.  Optionally the student also
 matches the last-stage feature map of an RGB network of its own architecture on the same
-augmented face (feature distillation, ``feature_teacher``).  Checkpoints after every epoch make
+augmented face (feature distillation, ``feature_teacher``), or learns, on faces mixed pairwise
+(mixup), what such a network embeds the mixed face as (``mixup_teacher``): new inputs with
+exact targets, for a student that is short of distinct faces.  Checkpoints after every epoch make
 a run resumable; a JSONL log records loss and held-out accuracy per epoch.
 """
 
@@ -81,6 +83,12 @@ class TrainConfig:
     # denser signal than the 128-d descriptor for a student that is short of data
     feature_teacher: str | None = None
     feature_weight: float = 0.0
+    # mixup distillation: a share mixup_p of each batch is replaced by pixel mixtures of two
+    # of its faces (weight uniform in [0, 1]), whose target is what an RGB model of the same
+    # embedding space (trained by `--kind rgb` on the same teacher targets) embeds the mixed
+    # face as, so that the student learns the teacher function off the training images too
+    mixup_teacher: str | None = None
+    mixup_p: float = 0.0
     # held-out accuracy per fixed subset every this many epochs (and at the last one); 0 =
     # never: six more validation passes, ~40 s of a 4-7 minute epoch on 2 cores
     subset_val_every: int = 1
@@ -317,6 +325,37 @@ def load_feature_teacher(path: str, student: BackboneConfig) -> Backbone:
     return teacher.eval()
 
 
+def load_mixup_teacher(path: str, embedding_size: int) -> Backbone:
+    """The frozen RGB network that labels mixed faces; it must embed into the student's space
+    (same size: both were trained on the same lifted teacher targets)."""
+    teacher, info = load_model(path)
+    if info["kind"] != "rgb":
+        raise ValueError(f"--mixup-teacher {path}: a {info['kind']!r} model, not an RGB one")
+    if teacher.config.embedding_size != embedding_size:
+        raise ValueError(
+            f"--mixup-teacher {path}: {teacher.config.embedding_size}-d embeddings, the "
+            f"student's are {embedding_size}-d"
+        )
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
+def mix_faces(
+    faces: torch.Tensor, p: float, rng: np.random.Generator
+) -> tuple[torch.Tensor, np.ndarray]:
+    """(faces with a share p replaced by lam * face + (1 - lam) * another face of the batch,
+    indices of the mixed ones); lam uniform in [0, 1] per mixed face."""
+    mixed = np.flatnonzero(rng.random(len(faces)) < p)
+    if not len(mixed):
+        return faces, mixed
+    partners = rng.integers(0, len(faces), len(mixed))
+    lam = torch.from_numpy(rng.uniform(0, 1, len(mixed)).astype(np.float32))[:, None, None, None]
+    out = faces.clone()
+    out[mixed] = lam * faces[mixed] + (1 - lam) * faces[partners]
+    return out, mixed
+
+
 def feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Per sample, 1 - cosine between the flattened (adapted) student and teacher maps."""
     return 1 - nn.functional.cosine_similarity(
@@ -367,6 +406,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         raise ValueError(
             "per-subset stems need random ranks of a PartialFace profile, one stem per subset"
         )
+    if (config.mixup_p > 0) != bool(config.mixup_teacher):
+        raise ValueError("mixup needs both a teacher for the mixed faces (--mixup-teacher) and "
+                         "a positive share (--mixup-p)")
     if config.threads:
         torch.set_num_threads(config.threads)
     precision = resolve_precision(config.precision)
@@ -417,6 +459,11 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         if channels_last_trainable(bcfg):
             feat_teacher = feat_teacher.to(memory_format=torch.channels_last)
             adapter = adapter.to(memory_format=torch.channels_last)
+    mix_teacher = None
+    if config.mixup_teacher:
+        mix_teacher = load_mixup_teacher(config.mixup_teacher, bcfg.embedding_size)
+        if channels_last_trainable(bcfg):
+            mix_teacher = mix_teacher.to(memory_format=torch.channels_last)
     decay, no_decay = [], []
     for module in [model, arcface] + ([adapter] if adapter is not None else []):
         for p in module.parameters():
@@ -475,7 +522,10 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         sums = {"loss": 0.0, "distill": 0.0, "arcface": 0.0}
         if feat_teacher is not None:
             sums["feature"] = 0.0
+        if mix_teacher is not None:
+            sums["mixed_distill"] = 0.0
         subset_sums, subset_counts = np.zeros(n_subsets), np.zeros(n_subsets)
+        mixed_count = 0
         bar = tqdm(
             range(steps_per_epoch),
             desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -485,6 +535,14 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         for b in bar:
             idx = order[b * config.batch_size : (b + 1) * config.batch_size]
             faces = augment(data.images[idx], config, rng)
+            want = targets[idx]
+            if mix_teacher is not None:
+                faces, mixed = mix_faces(faces, config.mixup_p, rng)
+                if len(mixed):
+                    with torch.no_grad(), autocast(precision):
+                        labelled_mix = mix_teacher(model_inputs(faces[mixed], "rgb", None))
+                    want = want.clone()
+                    want[mixed] = nn.functional.normalize(labelled_mix.float(), dim=1)
             ranks = draw(len(idx), config, rng)
             x = model_inputs(
                 faces,
@@ -502,8 +560,16 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                 feat = model.features(x, subsets)
                 emb = model.head(feat)
             emb = emb.float()
-            per_sample = 1 - nn.functional.cosine_similarity(emb, targets[idx])
-            distill = plain = per_sample.mean()  # plain: what the log reports either way
+            per_sample = 1 - nn.functional.cosine_similarity(emb, want)
+            real = np.ones(len(idx), dtype=bool)  # not mixed
+            if mix_teacher is not None:
+                real[mixed] = False
+                if len(mixed):
+                    sums["mixed_distill"] += per_sample[mixed].sum().item()
+                mixed_count += len(mixed)
+            distill = per_sample.mean()
+            # what the log reports either way: the real faces' loss, comparable across runs
+            plain = per_sample[real].mean() if real.any() else distill
             if n_subsets:
                 group, present = subset_losses(per_sample.double(), ranks[:, 0], n_subsets)
                 subset_sums += (group * present).detach().numpy()
@@ -521,7 +587,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                 sums["feature"] += matched.item()
             arc = torch.zeros(())
             labelled = torch.from_numpy(class_of[idx])
-            mask = labelled >= 0
+            mask = (labelled >= 0) & torch.from_numpy(real)  # a mixed face has no identity
             if config.arcface_weight > 0 and mask.any():
                 arc = arcface(emb[mask], labelled[mask])
                 loss = loss + config.arcface_weight * arc
@@ -544,6 +610,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             **{k: v / max(steps_per_epoch, 1) for k, v in sums.items()},
             "val_accuracy": val_acc,
         }
+        if mix_teacher is not None:  # per mixed face, and their share of the samples
+            record["mixed_distill"] = sums["mixed_distill"] / max(mixed_count, 1)
+            record["mixed_share"] = mixed_count / max(steps_per_epoch * config.batch_size, 1)
         if n_subsets:  # the subset balance: training loss and held-out accuracy per subset
             record["distill_by_subset"] = (subset_sums / np.maximum(subset_counts, 1)).tolist()
             every, last = config.subset_val_every, epoch + 1 == config.epochs

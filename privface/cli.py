@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    " whose last-stage features the student matches (feature distillation)")
     p.add_argument("--feature-weight", type=float, default=0.0,
                    help="weight of the feature-distillation loss (> 0 with --feature-teacher)")
+    p.add_argument("--mixup-teacher", help="RGB model of the same embedding space (--kind rgb) "
+                   "that labels faces mixed pairwise (mixup distillation)")
+    p.add_argument("--mixup-p", type=float, default=0.0,
+                   help="share of each batch replaced by mixed faces (> 0 with --mixup-teacher)")
     p.add_argument("--subset-val-every", type=int, default=1,
                    help="held-out accuracy per fixed subset every N epochs and at the last "
                    "(0: never)")

@@ -54,6 +54,8 @@ def cmd_train(args) -> int:
         subset_val_every=args.subset_val_every,
         feature_teacher=args.feature_teacher,
         feature_weight=args.feature_weight,
+        mixup_teacher=args.mixup_teacher,
+        mixup_p=args.mixup_p,
         seed=args.seed,
         limit_identities=args.limit_identities,
         threads=args.threads,

@@ -395,6 +395,61 @@ def test_feature_distillation_from_an_rgb_model(tiny_run, tmp_path):
         train(dataclasses.replace(run, feature_weight=0.0), progress=False)
 
 
+def test_mix_faces_blends_pairs_of_the_batch():
+    import torch
+
+    from enrollment.training import mix_faces
+
+    g = torch.Generator().manual_seed(0)
+    faces = torch.rand(64, 3, 8, 8, generator=g) * 255
+    out, mixed = mix_faces(faces, 0.5, np.random.default_rng(0))
+    assert 16 < len(mixed) < 48
+    untouched = np.setdiff1d(np.arange(64), mixed)
+    assert torch.equal(out[untouched], faces[untouched]) and not torch.equal(out, faces)
+    # every mixed face is lam * itself + (1 - lam) * one face of the batch, lam in [0, 1]
+    flat, src = out.flatten(1).double(), faces.flatten(1).double()
+    for i in mixed:
+        fits = []
+        for j in range(64):
+            d = src[i] - src[j]
+            lam = float(((flat[i] - src[j]) @ d) / (d @ d)) if j != i else 1.0
+            fits.append((float((lam * src[i] + (1 - lam) * src[j] - flat[i]).abs().max()), lam))
+        err, lam = min(fits)
+        assert err < 1e-3 and -1e-6 <= lam <= 1 + 1e-6
+    assert mix_faces(faces, 0.0, np.random.default_rng(0))[1].size == 0
+
+
+def test_mixup_distillation_from_an_rgb_model(tiny_run, tmp_path):
+    """A protected run whose mixed faces are labelled by an RGB model of its embedding space:
+    about the asked share is mixed, their loss is logged apart from the real faces' and
+    falls, and the teacher must be an RGB model of the student's embedding size."""
+    import dataclasses
+
+    from enrollment.training import load_mixup_teacher
+
+    config, _ = tiny_run
+    rgb = dataclasses.replace(config, out_dir=str(tmp_path / "rgb"), kind="rgb", epochs=2)
+    train(rgb, progress=False)
+    teacher_path = str(Path(rgb.out_dir) / "model.pt")
+    run = dataclasses.replace(
+        config, out_dir=str(tmp_path / "mix"), epochs=3, mixup_teacher=teacher_path,
+        mixup_p=0.5, subset_val_every=0, arcface_weight=0.0,
+    )
+    train(run, progress=False)
+    log = [json.loads(line) for line in Path(run.out_dir, "log.jsonl").read_text().splitlines()]
+    assert all(0.35 < rec["mixed_share"] < 0.65 for rec in log)
+    mixed = [rec["mixed_distill"] for rec in log]
+    assert all(0 < m < 2 for m in mixed) and mixed[-1] < mixed[0]
+    # the loss is over all samples, the logged distillation over the real faces only
+    assert all(rec["loss"] != pytest.approx(rec["distill"], abs=1e-6) for rec in log)
+    with pytest.raises(ValueError, match="not an RGB"):
+        load_mixup_teacher(str(Path(config.out_dir) / "model.pt"), TINY.embedding_size)
+    with pytest.raises(ValueError, match="64-d"):
+        load_mixup_teacher(teacher_path, 64)
+    with pytest.raises(ValueError, match="mixup needs"):  # not silently off
+        train(dataclasses.replace(run, mixup_p=0.0), progress=False)
+
+
 def test_subset_stems_warm_start_from_a_shared_stem_model(tiny_run, tmp_path):
     """--subset-stems with --init of a shared-stem model: the run starts from that model's
     function (every subset's stem = the shared one; lr 0 keeps it) and is evaluated as the
