@@ -309,36 +309,38 @@ def robust_mean(losses: torch.Tensor, present: torch.Tensor, weights: torch.Tens
     return (w * losses).sum() / w.sum()
 
 
+def frozen_rgb_model(path: str, flag: str) -> Backbone:
+    """An RGB model (``--kind rgb``) to teach from, weights frozen, in eval mode."""
+    teacher, info = load_model(path)
+    if info["kind"] != "rgb":
+        raise ValueError(f"{flag} {path}: a {info['kind']!r} model, not an RGB one")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
 def load_feature_teacher(path: str, student: BackboneConfig) -> Backbone:
     """The frozen RGB network whose last-stage features the student matches; its feature
     map must have the student's shape."""
-    teacher, info = load_model(path)
-    if info["kind"] != "rgb":
-        raise ValueError(f"--feature-teacher {path}: a {info['kind']!r} model, not an RGB one")
+    teacher = frozen_rgb_model(path, "--feature-teacher")
     shape = (teacher.config.widths[-1], teacher.config.output_side())
     if shape != (student.widths[-1], student.output_side()):
         raise ValueError(
             f"--feature-teacher {path}: feature map {shape} differs from the student's"
         )
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher.eval()
+    return teacher
 
 
 def load_mixup_teacher(path: str, embedding_size: int) -> Backbone:
     """The frozen RGB network that labels mixed faces; it must embed into the student's space
     (same size: both were trained on the same lifted teacher targets)."""
-    teacher, info = load_model(path)
-    if info["kind"] != "rgb":
-        raise ValueError(f"--mixup-teacher {path}: a {info['kind']!r} model, not an RGB one")
+    teacher = frozen_rgb_model(path, "--mixup-teacher")
     if teacher.config.embedding_size != embedding_size:
         raise ValueError(
             f"--mixup-teacher {path}: {teacher.config.embedding_size}-d embeddings, the "
             f"student's are {embedding_size}-d"
         )
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher.eval()
+    return teacher
 
 
 def mix_faces(
