@@ -456,16 +456,14 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     )
     feat_teacher = adapter = None
     if config.feature_teacher:
-        feat_teacher = load_feature_teacher(config.feature_teacher, bcfg)
+        feat_teacher = load_feature_teacher(config.feature_teacher, bcfg)  # channels-last
         adapter = nn.Conv2d(bcfg.widths[-1], bcfg.widths[-1], 1, bias=False)
         if channels_last_trainable(bcfg):
-            feat_teacher = feat_teacher.to(memory_format=torch.channels_last)
             adapter = adapter.to(memory_format=torch.channels_last)
-    mix_teacher = None
-    if config.mixup_teacher:
-        mix_teacher = load_mixup_teacher(config.mixup_teacher, bcfg.embedding_size)
-        if channels_last_trainable(bcfg):
-            mix_teacher = mix_teacher.to(memory_format=torch.channels_last)
+    mix_teacher = (  # frozen, channels-last as load_model returns it (no backward through it)
+        load_mixup_teacher(config.mixup_teacher, bcfg.embedding_size)
+        if config.mixup_teacher else None
+    )
     decay, no_decay = [], []
     for module in [model, arcface] + ([adapter] if adapter is not None else []):
         for p in module.parameters():
@@ -524,10 +522,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         sums = {"loss": 0.0, "distill": 0.0, "arcface": 0.0}
         if feat_teacher is not None:
             sums["feature"] = 0.0
-        if mix_teacher is not None:
-            sums["mixed_distill"] = 0.0
         subset_sums, subset_counts = np.zeros(n_subsets), np.zeros(n_subsets)
-        mixed_count = 0
+        mixed_loss, mixed_count = 0.0, 0
         bar = tqdm(
             range(steps_per_epoch),
             desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -537,7 +533,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         for b in bar:
             idx = order[b * config.batch_size : (b + 1) * config.batch_size]
             faces = augment(data.images[idx], config, rng)
-            want = targets[idx]
+            want, mixed = targets[idx], np.zeros(0, dtype=int)
             if mix_teacher is not None:
                 faces, mixed = mix_faces(faces, config.mixup_p, rng)
                 if len(mixed):
@@ -564,11 +560,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             emb = emb.float()
             per_sample = 1 - nn.functional.cosine_similarity(emb, want)
             real = np.ones(len(idx), dtype=bool)  # not mixed
-            if mix_teacher is not None:
-                real[mixed] = False
-                if len(mixed):
-                    sums["mixed_distill"] += per_sample[mixed].sum().item()
-                mixed_count += len(mixed)
+            real[mixed] = False
+            mixed_loss += per_sample[mixed].sum().item()
+            mixed_count += len(mixed)
             distill = per_sample.mean()
             # what the log reports either way: the real faces' loss, comparable across runs
             plain = per_sample[real].mean() if real.any() else distill
@@ -613,7 +607,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             "val_accuracy": val_acc,
         }
         if mix_teacher is not None:  # per mixed face, and their share of the samples
-            record["mixed_distill"] = sums["mixed_distill"] / max(mixed_count, 1)
+            record["mixed_distill"] = mixed_loss / max(mixed_count, 1)
             record["mixed_share"] = mixed_count / max(steps_per_epoch * config.batch_size, 1)
         if n_subsets:  # the subset balance: training loss and held-out accuracy per subset
             record["distill_by_subset"] = (subset_sums / np.maximum(subset_counts, 1)).tolist()
