@@ -63,6 +63,7 @@ def cmd_train(args) -> int:
         val_identities=args.val_identities,
         init=args.init,
         precision=args.precision,
+        compile=args.compile,
     )
     summary = train(config, progress=not args.quiet)
     print(json.dumps({k: v for k, v in summary.items() if k != "teacher_mean"}, indent=2))

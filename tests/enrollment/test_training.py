@@ -194,6 +194,52 @@ def test_bf16_training_keeps_fp32_weights_and_learns(tiny_run, tmp_path):
     assert all(v.dtype in (torch.float32, torch.int64) for v in ckpt["model"].values())
 
 
+def test_compiled_training_computes_what_eager_does(tiny_run, tmp_path, monkeypatch):
+    """``--compile`` changes how the forward is executed (fused kernels), not what is
+    computed: on one batch in training mode the compiled forward gives the eager embedding
+    and the same gradients, and a compiled run saves a plain model (no compiled-module
+    prefixes in its keys). (Compiled dropout draws its masks from its own generator unless
+    told to use eager's, as here, so that both see the same masks.)"""
+    import dataclasses
+
+    import torch
+    import torch._inductor.config
+
+    from enrollment.model_io import load_model
+    from enrollment.training import compiled_forward, model_forward
+
+    config, _ = tiny_run
+    run = dataclasses.replace(config, out_dir=str(tmp_path / "compiled"), epochs=1,
+                              precision="fp32", compile=True)
+    train(run, progress=False)
+    log = [json.loads(line) for line in Path(run.out_dir, "log.jsonl").read_text().splitlines()]
+    assert np.isfinite(log[-1]["distill"])
+    model, _ = load_model(Path(run.out_dir) / "model.pt")
+    assert not any("_orig_mod" in k for k in model.state_dict())
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    model = model.float().train()
+    x = torch.randn(8, 27, 112, 112) * torch.logspace(0, 3, 27)[None, :, None, None]
+    results = []
+    for forward in (model_forward(model), compiled_forward(model)):
+        model.zero_grad()
+        torch.manual_seed(0)
+        feat, emb = forward(x, None)
+        (emb * torch.linspace(-1, 1, emb.numel()).reshape(emb.shape)).sum().backward()
+        results.append((emb.detach(), [p.grad.clone() for p in model.parameters()]))
+    (e_emb, e_grads), (c_emb, c_grads) = results
+    torch.testing.assert_close(c_emb, e_emb, rtol=1e-4, atol=1e-4)
+    # gradients that are zero in exact arithmetic (a bias just before a batch-statistics BN)
+    # are rounding noise in both; every other parameter's gradient must agree
+    largest = max(g.norm() for g in e_grads)
+    for a, b in zip(c_grads, e_grads, strict=True):
+        if b.norm() > 1e-3 * largest:
+            assert (a - b).norm() <= 1e-3 * b.norm(), ((a - b).norm(), b.norm())
+    everything = torch.cat([g.flatten() for g in e_grads])
+    difference = torch.cat([(a - b).flatten() for a, b in zip(c_grads, e_grads, strict=True)])
+    assert difference.norm() <= 1e-4 * everything.norm()
+
+
 def test_vanilla_model_is_also_measured_on_its_own_rank(tiny_run, tmp_path):
     import dataclasses
 
