@@ -101,9 +101,9 @@ class TrainConfig:
     # "fp32", "bf16" or "auto" (bf16 autocast where the CPU has AMX tiles: the shipped
     # 32-256 network trains 1.8x faster there, 61 -> 108 img/s on a Sapphire Rapids pair)
     precision: str = "auto"
-    # torch.compile the student's training forward (inductor, fused CPU kernels): one or two
-    # minutes of compiling at the first step, then faster steps (measured in the model card);
-    # validation and the frozen teachers stay eager
+    # torch.compile the student's training forward (inductor, fused CPU kernels): ~40 s of
+    # compiling at the first step; 1.03x in fp32 on a 2-core AVX2 EPYC (bench/training_speed.py),
+    # not measured in bf16 on AMX; validation and the frozen teachers stay eager
     compile: bool = False
 
     def to_dict(self) -> dict:

@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="bf16 autocast (auto: where the CPU has AMX; 1.8x faster there)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training forward (a minute or two to compile, then "
-                   "faster steps)")
+                   help="torch.compile the training forward (~40 s to compile; 1.03x on an AVX2 "
+                   "CPU: measure with bench/training_speed.py first)")
     p.add_argument("--config")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func="privface.model_commands:cmd_train")
