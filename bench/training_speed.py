@@ -1,9 +1,10 @@
-"""Training throughput of the shipped architecture, eager against ``torch.compile``: what
-`privface train --compile` buys on this CPU.  One step = forward, backward and an SGD step of
-the student on a batch of protected inputs, as the trainer runs it (channels-last, the
-training forward of `enrollment.training`); baseline in the same run: eager, same precision.
+"""Training throughput, eager against ``torch.compile``: what `privface train --compile`
+buys on this CPU.  One step = forward, backward and an SGD step of the student (the shipped
+model's architecture, or ``--model``'s, with random weights) on a batch of protected inputs,
+as the trainer runs it (channels-last, the training forward of `enrollment.training`);
+baseline in the same run: eager, same precision.
 
-    python bench/training_speed.py --json bench/results/training-speed.json
+    python bench/training_speed.py --threads 2 --json bench/results/training-speed.json
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from enrollment.backbone import Backbone, BackboneConfig  # noqa: E402
-from enrollment.model_io import autocast, resolve_precision  # noqa: E402
+from enrollment.model_io import DEFAULT_MODEL, autocast, load_model, resolve_precision  # noqa: E402
 from enrollment.training import compiled_forward, model_forward  # noqa: E402
 
 
@@ -64,17 +65,18 @@ def measure(config: BackboneConfig, compiled: bool, precision: str, batch: int, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=THREADS,
+                    help="torch/BLAS threads (read before numpy loads; default 1, the recipe's 2)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=3, help="steps before timing (>= 1)")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per mode")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="whose architecture to train")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     precision = resolve_precision(args.precision)
-    config = BackboneConfig(in_channels=27, widths=(32, 64, 128, 256), blocks=(2, 2, 2, 2),
-                            stem_stride=2, strides=(2, 2, 2, 2))
+    config = load_model(args.model)[0].config  # random weights in it: speed only
     rows = [measure(config, compiled, precision, args.batch_size, args.warmup, args.steps)
             for compiled in (False, True)]
     base = rows[0]["img_per_s"]
@@ -88,7 +90,8 @@ def main() -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(
-            {"cpu": cpu_name(), "threads": THREADS, "batch_size": args.batch_size,
+            {"cpu": cpu_name(), "model": args.model, "architecture": config.to_dict(),
+             "threads": THREADS, "batch_size": args.batch_size,
              "precision": precision, "torch": torch.__version__, "rows": rows}, indent=2))
 
 
