@@ -98,12 +98,13 @@ class TrainConfig:
     threads: int | None = None
     workers: int = 2
     init: str | None = None  # model file to start from (warm restart), not a checkpoint
-    # "fp32", "bf16" or "auto" (bf16 autocast where the CPU has AMX tiles: the shipped
-    # 32-256 network trains 1.8x faster there, 61 -> 108 img/s on a Sapphire Rapids pair)
+    # "fp32", "bf16" or "auto" (bf16 autocast where the CPU has AMX tiles or AVX512-BF16: the
+    # shipped 32-256 network trains 1.8x faster on a Sapphire Rapids pair, 61 -> 108 img/s,
+    # and 1.6x on a Zen 4 pair, 77 -> 122)
     precision: str = "auto"
     # torch.compile the student's training forward (inductor, fused CPU kernels): ~40 s of
-    # compiling at the first step; 1.03x in fp32 on a 2-core AVX2 EPYC (bench/training_speed.py),
-    # not measured in bf16 on AMX; validation and the frozen teachers stay eager
+    # compiling at the first step; 1.03x in fp32 on a 2-core AVX2 EPYC, 1.7x in bf16 on a
+    # 2-core Zen 4 (bench/training_speed.py); validation and the frozen teachers stay eager
     compile: bool = False
 
     def to_dict(self) -> dict:

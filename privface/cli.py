@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="start from this model file's weights (a warm restart: a new "
                    "LR schedule over --epochs; architecture and kind must match)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="bf16 autocast (auto: where the CPU has AMX; 1.8x faster there)")
+                   help="bf16 autocast (auto: where the CPU has AMX or AVX512-BF16; "
+                        "1.6-1.8x faster there)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training forward (~40 s to compile; 1.03x on an AVX2 "
                    "CPU: measure with bench/training_speed.py first)")

@@ -60,7 +60,7 @@ class Settings:
     #: torch intra-op threads for embedding on the server; 0 = min(4, CPU count)
     torch_threads: int = 0
     #: arithmetic of the model on the server: "fp32", "bf16" (autocast), "auto" (bf16 where
-    #: the CPU has AMX tiles) or "int8" (the <model>.int8.onnx graph that `privface
+    #: the CPU has AMX tiles or AVX512-BF16) or "int8" (the <model>.int8.onnx graph that `privface
     #: quantize` writes beside the model file); see docs/model-card.md for their effect
     model_precision: str = "fp32"
     #: what runs the model on the server: "onnx" (ONNX Runtime: fp32 1.5x torch's views/s on

@@ -163,7 +163,8 @@ def test_precision_choice():
     from enrollment.model_io import resolve_precision
 
     assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
-    assert resolve_precision("auto") == ("bf16" if torch.cpu._is_amx_tile_supported() else "fp32")
+    hardware = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert resolve_precision("auto") == ("bf16" if hardware else "fp32")
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("fp16")
 
