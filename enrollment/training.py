@@ -487,6 +487,11 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         load_mixup_teacher(config.mixup_teacher, bcfg.embedding_size)
         if config.mixup_teacher else None
     )
+    if config.compile and not channels_last_trainable(bcfg):
+        # inductor lays convolutions out channels-last by itself, and torch 2.13's backward of
+        # such narrow ones crashes on AVX-512 CPUs (seen: a Zen 4 pair, widths 8-16)
+        raise ValueError("--compile needs every width a multiple of 16 (narrower convolutions "
+                         "crash torch 2.13's compiled backward on AVX-512 CPUs)")
     forward = compiled_forward(model) if config.compile else model_forward(model)
     decay, no_decay = [], []
     for module in [model, arcface] + ([adapter] if adapter is not None else []):

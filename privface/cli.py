@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 autocast (auto: where the CPU has AMX or AVX512-BF16; "
                         "1.6-1.8x faster there)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training forward (~40 s to compile; 1.03x on an AVX2 "
-                   "CPU: measure with bench/training_speed.py first)")
+                   help="torch.compile the training forward (~40-65 s to compile; 1.03x in fp32 on "
+                   "an AVX2 CPU, 1.7x in bf16 on a Zen 4: measure with bench/training_speed.py)")
     p.add_argument("--config")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func="privface.model_commands:cmd_train")
