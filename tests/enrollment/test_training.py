@@ -160,11 +160,12 @@ def test_evaluation_on_a_handful_of_pairs(tiny_run, tmp_path):
 def test_precision_choice():
     import torch
 
-    from enrollment.model_io import resolve_precision
+    from enrollment.model_io import hardware_bf16, resolve_precision
 
     assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
-    hardware = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    assert resolve_precision("auto") == ("bf16" if hardware else "fp32")
+    assert hardware_bf16() == (torch.cpu._is_amx_tile_supported()
+                               or torch.cpu._is_avx512_bf16_supported())
+    assert resolve_precision("auto") == ("bf16" if hardware_bf16() else "fp32")
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("fp16")
 
