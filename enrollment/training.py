@@ -102,8 +102,8 @@ class TrainConfig:
     # shipped 32-256 network trains 1.8x faster on a Sapphire Rapids pair, 61 -> 108 img/s,
     # and 1.6x on a Zen 4 pair, 77 -> 122)
     precision: str = "auto"
-    # torch.compile the student's training forward (inductor, fused CPU kernels): ~40 s of
-    # compiling at the first step; 1.03x in fp32 on a 2-core AVX2 EPYC, 1.7x in bf16 on a
+    # torch.compile the student's training forward (inductor, fused CPU kernels): ~40-65 s
+    # of compiling at the first step; 1.03x in fp32 on a 2-core AVX2 EPYC, 1.7x in bf16 on a
     # 2-core Zen 4 (bench/training_speed.py); validation and the frozen teachers stay eager
     compile: bool = False
 
@@ -434,6 +434,13 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     if (config.mixup_p > 0) != bool(config.mixup_teacher):
         raise ValueError("mixup needs both a teacher for the mixed faces (--mixup-teacher) and "
                          "a positive share (--mixup-p)")
+    if config.compile and not channels_last_trainable(config.backbone):
+        # checked before any data is loaded (the widths are config.backbone's: --init must
+        # match them). inductor lays convolutions out channels-last by itself, and torch
+        # 2.13's backward of such narrow ones crashes on AVX-512 CPUs (seen: a Zen 4 pair,
+        # widths 8-16)
+        raise ValueError("--compile needs every width a multiple of 16 (narrower convolutions "
+                         "crash torch 2.13's compiled backward on AVX-512 CPUs)")
     if config.threads:
         torch.set_num_threads(config.threads)
     precision = resolve_precision(config.precision)
@@ -487,11 +494,6 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         load_mixup_teacher(config.mixup_teacher, bcfg.embedding_size)
         if config.mixup_teacher else None
     )
-    if config.compile and not channels_last_trainable(bcfg):
-        # inductor lays convolutions out channels-last by itself, and torch 2.13's backward of
-        # such narrow ones crashes on AVX-512 CPUs (seen: a Zen 4 pair, widths 8-16)
-        raise ValueError("--compile needs every width a multiple of 16 (narrower convolutions "
-                         "crash torch 2.13's compiled backward on AVX-512 CPUs)")
     forward = compiled_forward(model) if config.compile else model_forward(model)
     decay, no_decay = [], []
     for module in [model, arcface] + ([adapter] if adapter is not None else []):

@@ -214,6 +214,7 @@ def test_compiled_training_computes_what_eager_does(tiny_run, tmp_path, monkeypa
     with pytest.raises(ValueError, match="multiple of 16"):  # TINY's widths of 8 crash it
         train(dataclasses.replace(config, out_dir=str(tmp_path / "narrow"), compile=True),
               progress=False)
+    assert not (tmp_path / "narrow").exists()  # refused before any data was loaded or written
     wide = dataclasses.replace(TINY, widths=(16, 16, 16, 16))
     run = dataclasses.replace(config, out_dir=str(tmp_path / "compiled"), epochs=1,
                               precision="fp32", compile=True, backbone=wide)
