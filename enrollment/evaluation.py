@@ -28,6 +28,7 @@ from enrollment.metrics import (
     threshold_at_far,
 )
 from enrollment.model_io import embed, load_model, model_inputs, profile_for, served_inputs
+from enrollment.whitening import apply as whitening_apply
 
 Embedder = Callable[[np.ndarray], np.ndarray]  # image indices -> unit embeddings
 
@@ -42,9 +43,11 @@ def model_embedder(
     greyscale: bool = False,
     precision: str = "fp32",
     all_permutations: bool = False,
+    whiten: bool = True,
 ) -> Embedder:
     """Embeddings of cached faces: random subset per image (or a fixed subset / rank), a random
-    permutation per view, + flip.
+    permutation per view, + flip; whitened as the service does when the model file carries a
+    whitening (``whiten=False``: the raw embeddings).
 
     ``greyscale`` drops the colour first (as from a greyscale camera: Cb = Cr = 0).
     ``all_permutations`` embeds every view under every permutation of its subset and averages
@@ -52,6 +55,7 @@ def model_embedder(
     """
     model, info = _load(str(path))
     profile = profile_for(info)
+    whitening = info["whitening"] if whiten else None
     # int8: the service's int8 graph (privface quantize) under ONNX Runtime
     int8 = onnx_runtime.load_int8(path, torch.get_num_threads()) if precision == "int8" else None
 
@@ -101,7 +105,7 @@ def model_embedder(
                         e = embed(model, x, precision=precision, subsets=subsets)
                     total = total + e
             out.append(total / np.linalg.norm(total, axis=1, keepdims=True))
-        return np.concatenate(out)
+        return whitening_apply(np.concatenate(out), whitening)
 
     return run
 
@@ -275,11 +279,12 @@ def variants(
     greyscale: bool = False,
     precision: str = "fp32",
     all_permutations: bool = False,
+    whiten: bool = True,
 ) -> dict[str, Embedder]:
     """The embedders to compare, by JSON name (the teacher always sees colour)."""
     out: dict[str, Embedder] = {}
     kw = {"flip": flip, "greyscale": greyscale, "precision": precision,
-          "all_permutations": all_permutations}
+          "all_permutations": all_permutations, "whiten": whiten}
     if "protected" in models:
         out["protected"] = model_embedder(models["protected"], cache, seed, **kw)
         for s in range(6):

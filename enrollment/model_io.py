@@ -18,6 +18,7 @@ from enrollment import hfcf, partialface, rank_inference
 from enrollment.backbone import Backbone, BackboneConfig
 from enrollment.frequency import coefficient_maps, rgb_to_ycbcr_shifted
 from enrollment.profiles import ProtectionProfile, get_profile, rank_table
+from enrollment.whitening import Whitening
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = WEIGHTS_DIR / "partialface-paper.pt"
@@ -139,7 +140,10 @@ def save_model(
 
 
 def load_model(path: str | os.PathLike = DEFAULT_MODEL) -> tuple[Backbone, dict]:
-    """(model in eval mode, info: kind, profile, meta) from a saved model file."""
+    """(model in eval mode, info: kind, profile, meta, whitening) from a saved model file.
+
+    ``whitening`` (a :class:`Whitening` or None) is applied to the model's final unit
+    embeddings (after the views are combined) wherever templates are made."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
     model = Backbone(BackboneConfig.from_dict(blob["config"]))
     model.load_state_dict(
@@ -148,8 +152,41 @@ def load_model(path: str | os.PathLike = DEFAULT_MODEL) -> tuple[Backbone, dict]
     # channels-last: oneDNN's convolutions are ~1.3x faster in that layout on CPU (measured
     # 58 -> 77 views/s on one thread); the weights and the inputs' layout are unchanged.
     model = model.to(memory_format=torch.channels_last).eval()
-    info = {"kind": blob["kind"], "profile": blob["profile"], "meta": json.loads(blob["meta"])}
+    info = {"kind": blob["kind"], "profile": blob["profile"], "meta": json.loads(blob["meta"]),
+            "whitening": _whitening_of(blob)}
     return model, info
+
+
+def _whitening_of(blob: dict) -> Whitening | None:
+    w = blob.get("whitening")
+    if w is None:
+        return None
+    return Whitening.from_dict({k: v.numpy() if torch.is_tensor(v) else v for k, v in w.items()})
+
+
+#: meta keys that describe the scores of a model file: stale once its embeddings change
+SCORE_META_KEYS = ("threshold_far_1e-3", "threshold_far_1e-3_embedding",
+                   "threshold_calibration", "lfw_accuracy")
+
+
+def set_whitening(path: str | os.PathLike, whitening: Whitening | None) -> dict:
+    """Store (or with None remove) the whitening of a saved model, and drop the calibrated
+    threshold and accuracy from its meta: they were measured on the old scores, and a
+    service must not run on a stale threshold (``privface eval lfw --write-threshold``
+    calibrates it again). Returns the new meta."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob.pop("whitening", None)
+    if whitening is not None:
+        blob["whitening"] = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(
+            v, np.ndarray) else v for k, v in whitening.to_dict().items()}
+    meta = {k: v for k, v in json.loads(blob["meta"]).items() if k not in SCORE_META_KEYS}
+    meta["whitening"] = None if whitening is None else {
+        "dims": whitening.dims, "power": whitening.power, "cohort": whitening.cohort}
+    blob["meta"] = json.dumps(meta)
+    tmp = Path(str(path) + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+    return meta
 
 
 def update_meta(path: str | os.PathLike, **values) -> dict:

@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, help="embed each view under every permutation of its subset "
                    "and average, as the service does (default: the average_permutations "
                    "setting, on)")
+    p.add_argument("--no-whiten", action="store_true",
+                   help="the models' raw embeddings, not whitened (privface whiten)")
     p.add_argument("--only", help="comma-separated variants to run (e.g. protected,teacher)")
     p.add_argument("--draws", type=int, default=1,
                    help="lfw: also the protected model's mean accuracy over N draws of the "
@@ -151,6 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir")
     p.add_argument("--config")
     p.set_defaults(func="privface.model_commands:cmd_quantize")
+
+    p = sub.add_parser("whiten", help="fit the embedding whitening of a model on "
+                       "training-split LFW faces and store it in the model file")
+    p.add_argument("--model", default=None, help="model file (default: shipped); rewritten")
+    p.add_argument("--data", default="../shared/data", help="folder holding lfw/")
+    p.add_argument("--dims", type=int, default=128,
+                   help="principal directions kept (the distilled embeddings span 128)")
+    p.add_argument("--power", type=float, default=0.5,
+                   help="each direction divided by its std ** POWER (0: centring only, 1: full "
+                   "whitening)")
+    p.add_argument("--images", type=int, default=0,
+                   help="training-split images in the cohort (default 0: all of them)")
+    p.add_argument("--remove", action="store_true", help="remove the model's whitening")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir")
+    p.add_argument("--config")
+    p.set_defaults(func="privface.model_commands:cmd_whiten")
 
     # -- the service ----------------------------------------------------------------------
     p = sub.add_parser("serve", help="run the gRPC service (embedded PostgreSQL by default)")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from enrollment import onnx_runtime, rank_inference, wire
+from enrollment import onnx_runtime, rank_inference, whitening, wire
 from enrollment.backbone import fold_batchnorm
 from enrollment.model_io import (
     DEFAULT_MODEL,
@@ -201,6 +201,11 @@ class Embedder:
             run = _averaged_over_permutations(run, profile)
             where += f", each view under all {len(profile.permutations)} permutations"
         self._embed_views: Callable[[np.ndarray], np.ndarray] = run
+        self._whitening = info["whitening"]
+        self.whitened = self._whitening is not None
+        if self._whitening is not None:
+            where += (f", whitened ({self._whitening.dims} directions, power "
+                      f"{self._whitening.power:g})")
         self._digest = self.card.profile.digest()  # asdict + JSON + SHA-256: once, not per view
         self._lock = threading.Lock()
         log.info(
@@ -261,4 +266,4 @@ class Embedder:
             views = self._embed_views(x)
         out = np.add.reduceat(views.astype(np.float64), np.cumsum([0, *counts[:-1]]), axis=0)
         out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        return out.astype(np.float32)
+        return whitening.apply(out, self._whitening).astype(np.float32)

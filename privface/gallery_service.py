@@ -877,7 +877,8 @@ class GalleryEngine:
             "max_message_bytes": self.max_message_bytes,
             "max_views_per_input": MAX_VIEWS,
             "model_runtime": f"{self.embedder.runtime} {self.embedder.precision}"
-            + (", permutation-averaged" if self.embedder.average_permutations else ""),
+            + (", permutation-averaged" if self.embedder.average_permutations else "")
+            + (", whitened" if self.embedder.whitened else ""),
         }
 
     # ------------------------------------------------------------------ galleries

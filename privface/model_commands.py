@@ -130,7 +130,7 @@ def cmd_eval(args) -> int:
                 else args.average_permutations)
     embedders = ev.variants(
         _models(args), cache, args.seed, flip=not args.no_flip, greyscale=args.greyscale,
-        precision=args.precision, all_permutations=averaged,
+        precision=args.precision, all_permutations=averaged, whiten=not args.no_whiten,
     )
     if args.only:
         wanted = set(args.only.split(","))
@@ -163,6 +163,7 @@ def cmd_eval(args) -> int:
                 [args.seed + k for k in range(args.draws)],
                 known={args.seed: results["protected"]["accuracy"]}, flip=not args.no_flip,
                 greyscale=args.greyscale, precision=args.precision, all_permutations=averaged,
+                whiten=not args.no_whiten,
             )
             summary["protected_rank_draws"] = draws
             print(f"protected over {args.draws} rank draws: {draws['mean'] * 100:.2f}% "
@@ -205,7 +206,7 @@ def cmd_eval(args) -> int:
         **({"summary": summary} if summary else {}),
         "settings": {"flip": not args.no_flip, "seed": args.seed, "models": _models(args),
                      "greyscale": args.greyscale, "precision": args.precision,
-                     "average_permutations": averaged},
+                     "average_permutations": averaged, "whiten": not args.no_whiten},
     }
     if args.json:
         ev.write_json(args.json, out)
@@ -295,4 +296,42 @@ def cmd_quantize(args) -> int:
         "cosine_to_fp32_min": float(cos.min()), "cosine_to_fp32_mean": float(cos.mean()),
     }
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_whiten(args) -> int:
+    """Fit the whitening on training-split LFW faces (never folds 6-10) and store it."""
+    import torch
+
+    from enrollment import evaluation as ev
+    from enrollment import whitening
+    from enrollment.lfw_protocol import held_out_identities
+    from enrollment.model_io import DEFAULT_MODEL, set_whitening
+
+    settings = load_settings(args.config)
+    model_path = Path(args.model or DEFAULT_MODEL)
+    if args.remove:
+        meta = set_whitening(model_path, None)
+        print(json.dumps({"model": str(model_path), "whitening": meta["whitening"]}))
+        return 0
+    torch.set_num_threads(args.threads)
+    data = Path(args.data)
+    cache = ev.lfw_cache(data / "lfw", args.cache_dir or settings.cache_dir)
+    test_people = held_out_identities(str(data / "lfw" / "pairs.txt"))
+    allowed = np.flatnonzero([cache.identities[lab] not in test_people for lab in cache.labels])
+    if args.images:
+        if args.images > len(allowed):
+            raise ValueError(f"{args.images} images asked, {len(allowed)} training-split "
+                             "images available")
+        allowed = np.sort(np.random.default_rng(args.seed).choice(allowed, args.images,
+                                                                  replace=False))
+    # the cohort embedded as the client sends faces (face + mirror, one random subset),
+    # without any whitening the file already carries
+    raw = ev.model_embedder(model_path, cache, args.seed, whiten=False)(allowed)
+    fitted = whitening.fit(raw, args.dims, args.power)
+    meta = set_whitening(model_path, fitted)
+    print(json.dumps({"model": str(model_path), "whitening": meta["whitening"],
+                      "next": "privface eval lfw --write-threshold (the threshold was "
+                      "dropped: scores changed) and privface quantize (the file changed)"},
+                     indent=2))
     return 0

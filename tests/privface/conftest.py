@@ -26,6 +26,7 @@ import pytest
 from sqlalchemy import URL, create_engine, pool, text
 from sqlalchemy.exc import OperationalError
 
+from enrollment.lfw_protocol import held_out_identities
 from enrollment.model_io import DEFAULT_MODEL, load_model
 from privface.config import Settings
 from privface.embedding import THRESHOLD_META_KEY
@@ -246,3 +247,20 @@ def service(tmp_path_factory, service_db, service_model) -> Iterator[ServiceHand
 @pytest.fixture
 def gallery_name() -> str:
     return f"g-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def small_lfw(data_dir, tmp_path_factory):
+    """An LFW layout of 3 training-split people and 2 people of folds 6-10 (symlinks)."""
+    pairs = data_dir / "lfw" / "pairs.txt"
+    test_people = held_out_identities(pairs)
+    people = sorted(p for p in (data_dir / "lfw" / "lfw-deepfunneled").iterdir() if p.is_dir())
+    train = [p for p in people if p.name not in test_people and len(list(p.iterdir())) >= 2][:3]
+    test = [p for p in people if p.name in test_people][:2]
+    root = tmp_path_factory.mktemp("lfw")
+    (root / "lfw" / "lfw-deepfunneled").mkdir(parents=True)
+    (root / "lfw" / "pairs.txt").symlink_to(pairs)
+    for p in train + test:
+        (root / "lfw" / "lfw-deepfunneled" / p.name).symlink_to(p, target_is_directory=True)
+    n_train = sum(len(list(p.iterdir())) for p in train)
+    return root, n_train
