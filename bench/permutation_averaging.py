@@ -42,7 +42,7 @@ import _lfw
 
 from enrollment import evaluation as ev
 from enrollment import identity_mapping as im
-from enrollment import onnx_runtime, partialface, rank_inference
+from enrollment import onnx_runtime, partialface, rank_inference, whitening
 from enrollment.lfw_protocol import held_out_pairs
 from enrollment.metrics import (
     cross_validated_accuracy,
@@ -56,10 +56,12 @@ MODES = ("as sent", "averaged over the permutations")
 
 
 def embeddings(
-    graph, profile, cache, idx: np.ndarray, seed: int, subset: int | None = None
+    graph, profile, cache, idx: np.ndarray, seed: int, subset: int | None = None,
+    whiten: whitening.Whitening | None = None,
 ) -> dict[str, np.ndarray]:
     """Per image: the sum of its two views as sent, and of its two views under every
-    permutation of their subset (both unit-normalised); ``subset``: every image's."""
+    permutation of their subset (both unit-normalised, then whitened as the service does
+    when the model file carries a whitening); ``subset``: every image's."""
     rng = np.random.default_rng(seed)
     n_perm = len(profile.permutations)
     order = torch.from_numpy(rank_inference.permutation_orders(profile))
@@ -85,7 +87,7 @@ def embeddings(
     out = {}
     for mode, parts in zip(MODES, (sent, averaged), strict=True):
         e = np.concatenate(parts).astype(np.float64)
-        out[mode] = e / np.linalg.norm(e, axis=1, keepdims=True)
+        out[mode] = whitening.apply(e / np.linalg.norm(e, axis=1, keepdims=True), whiten)
     return out
 
 
@@ -143,11 +145,11 @@ def main() -> None:
     out = {"model": args.model, "images": int(len(idx)), "shipped_threshold": shipped,
            "threads": args.threads, "date": time.strftime("%Y-%m-%d %H:%M"), "seeds": {}}
     if args.fixed_subsets:
-        fixed_subsets(args, graph, profile, cache, pairs, out)
+        fixed_subsets(args, graph, profile, cache, pairs, out, info["whitening"])
         return
     for seed in (int(s) for s in args.seeds.split(",")):
         start = time.perf_counter()
-        e = embeddings(graph, profile, cache, idx, seed)
+        e = embeddings(graph, profile, cache, idx, seed, whiten=info["whitening"])
         out["seeds"][str(seed)] = {
             mode: measure(e[mode], cache, idx, pairs, split, shipped, seed) for mode in MODES
         }
@@ -165,14 +167,14 @@ def main() -> None:
         print(f"{mode:<34}" + "".join(f"{out['mean'][mode][k]:>20.4f}" for k in keys))
 
 
-def fixed_subsets(args, graph, profile, cache, pairs, out: dict) -> None:
+def fixed_subsets(args, graph, profile, cache, pairs, out: dict, whiten=None) -> None:
     """Accuracy per fixed subset both ways, and the spread (max - min) across subsets."""
     where = cache.index()
     idx = np.unique([where[p.path_a] for p in pairs] + [where[p.path_b] for p in pairs])
     seed = int(args.seeds.split(",")[0])
     out.update(images=int(len(idx)), seed=seed, subsets={})
     for s in range(len(profile.subsets)):
-        e = embeddings(graph, profile, cache, idx, seed, subset=s)
+        e = embeddings(graph, profile, cache, idx, seed, subset=s, whiten=whiten)
         out["subsets"][str(s)] = {m: verification(e[m], idx, cache, pairs) for m in MODES}
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2))

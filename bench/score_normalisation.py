@@ -25,7 +25,6 @@ import _threads  # first: sets the BLAS thread count before numpy is imported
 
 THREADS = _threads.THREADS
 
-import json
 import sys
 from pathlib import Path
 

@@ -56,6 +56,8 @@ def model_embedder(
     model, info = _load(str(path))
     profile = profile_for(info)
     whitening = info["whitening"] if whiten else None
+    # only a protected input has permutations to average over (an RGB model: its one input)
+    all_permutations = all_permutations and info["kind"] == "partialface"
     # int8: the service's int8 graph (privface quantize) under ONNX Runtime
     int8 = onnx_runtime.load_int8(path, torch.get_num_threads()) if precision == "int8" else None
 

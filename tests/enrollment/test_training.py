@@ -428,6 +428,12 @@ def test_feature_distillation_from_an_rgb_model(tiny_run, tmp_path):
     rgb = dataclasses.replace(config, out_dir=str(tmp_path / "rgb"), kind="rgb")
     train(rgb, progress=False)
     teacher_path = str(Path(rgb.out_dir) / "model.pt")
+    # the evaluation measures an RGB model under the service's default (permutation
+    # averaging) as it is: there is nothing to permute
+    cache = build_cache(config.data[0], config.cache_dir, limit_identities=60)
+    np.testing.assert_array_equal(
+        ev.model_embedder(teacher_path, cache, 0, all_permutations=True)(np.arange(4)),
+        ev.model_embedder(teacher_path, cache, 0)(np.arange(4)))
     run = dataclasses.replace(
         config, out_dir=str(tmp_path / "feat"), epochs=3, feature_teacher=teacher_path,
         feature_weight=1.0, subset_val_every=0,

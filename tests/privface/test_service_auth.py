@@ -105,13 +105,18 @@ def test_gallery_scope(service, galleries, att_inputs):
         assert c.gallery_stats(b).gallery.subject_count == 1
 
 
-def test_server_info_says_who_calls(service):
+def test_server_info_says_who_calls(service, service_model):
+    from enrollment.model_io import load_model
+
     with service.client("team_a") as c:
         info = c.server_info()
     assert info.principal == "team-a-app" and sorted(info.roles) == ["enroll", "identify"]
     assert info.profile == "partialface-paper" and info.template_key_id == "tmap-1"
     assert info.default_threshold != 0 and info.threshold_source in ("model", "settings")
-    assert info.model_runtime == "onnx fp32, permutation-averaged"  # the default settings
+    whitened = load_model(service_model.path)[1]["whitening"] is not None
+    # the default settings, and whether the model file carries a whitening
+    assert info.model_runtime == "onnx fp32, permutation-averaged" + (
+        ", whitened" if whitened else "")
 
 
 def test_health_and_reflection_need_no_token(service):

@@ -357,6 +357,7 @@ def test_embedder_averages_each_view_over_the_permutations_of_its_subset(
     as sent."""
     import torch
 
+    from enrollment import whitening
     from enrollment.model_io import embed, load_model, model_inputs
     from enrollment.partialface import protect
     from enrollment.profiles import get_profile
@@ -372,11 +373,14 @@ def test_embedder_averages_each_view_over_the_permutations_of_its_subset(
     sent = [protect(face, [[3, p]]) for p in range(6)]  # one view each, six permutations
     e = averaged.embed(sent)
     np.testing.assert_allclose(e, np.repeat(e[:1], 6, axis=0), rtol=0, atol=1e-5)
-    model, _ = load_model(service_model.path)
+    model, info = load_model(service_model.path)
     faces = torch.from_numpy(np.repeat(face, 6, axis=0).astype(np.float32)).permute(0, 3, 1, 2)
     each = embed(model, model_inputs(faces, "partialface", profile, np.c_[[3] * 6, range(6)]))
-    mean = each.sum(axis=0) / np.linalg.norm(each.sum(axis=0))
-    np.testing.assert_allclose(e[0], mean, rtol=0, atol=1e-5)
+    mean = each.sum(axis=0, keepdims=True) / np.linalg.norm(each.sum(axis=0))
+    # then the model file's whitening, if it carries one (the shipped model does)
+    np.testing.assert_allclose(e[0], whitening.apply(mean, info["whitening"])[0], rtol=0,
+                               atol=1e-5)
     single = as_sent.embed(sent)
-    np.testing.assert_allclose(single, each, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(single, whitening.apply(each, info["whitening"]), rtol=0,
+                               atol=1e-5)
     assert np.abs(single - e).max() > 1e-3
