@@ -174,25 +174,30 @@ def set_whitening(path: str | os.PathLike, whitening: Whitening | None) -> dict:
     threshold and accuracy from its meta: they were measured on the old scores, and a
     service must not run on a stale threshold (``privface eval lfw --write-threshold``
     calibrates it again). Returns the new meta."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    blob.pop("whitening", None)
-    if whitening is not None:
-        blob["whitening"] = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(
-            v, np.ndarray) else v for k, v in whitening.to_dict().items()}
-    meta = {k: v for k, v in json.loads(blob["meta"]).items() if k not in SCORE_META_KEYS}
-    meta["whitening"] = None if whitening is None else {
-        "dims": whitening.dims, "power": whitening.power, "cohort": whitening.cohort}
-    blob["meta"] = json.dumps(meta)
-    tmp = Path(str(path) + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
-    return meta
+
+    def change(blob: dict) -> dict:
+        blob.pop("whitening", None)
+        if whitening is not None:
+            blob["whitening"] = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(
+                v, np.ndarray) else v for k, v in whitening.to_dict().items()}
+        meta = {k: v for k, v in json.loads(blob["meta"]).items() if k not in SCORE_META_KEYS}
+        meta["whitening"] = None if whitening is None else {
+            "dims": whitening.dims, "power": whitening.power, "cohort": whitening.cohort}
+        return meta
+
+    return _rewrite(path, change)
 
 
 def update_meta(path: str | os.PathLike, **values) -> dict:
     """Add calibration figures (e.g. the FAR 1e-3 threshold) to a saved model's meta."""
+    return _rewrite(path, lambda blob: {**json.loads(blob["meta"]), **values})
+
+
+def _rewrite(path: str | os.PathLike, change) -> dict:
+    """Load a model file, let ``change`` edit the blob and return its new meta, and replace
+    the file atomically (a reader never sees half a file). Returns the new meta."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    meta = {**json.loads(blob["meta"]), **values}
+    meta = change(blob)
     blob["meta"] = json.dumps(meta)
     tmp = Path(str(path) + ".tmp")
     torch.save(blob, tmp)

@@ -1,4 +1,4 @@
-"""Model commands: ``privface train`` and ``privface eval lfw|identify``."""
+"""Model commands: ``privface train``, ``eval lfw|identify``, ``quantize`` and ``whiten``."""
 
 from __future__ import annotations
 
@@ -234,6 +234,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _training_split(cache, pairs_txt: str) -> np.ndarray:
+    """Indices of the cached LFW images whose people appear nowhere in folds 6-10: all that
+    calibration and whitening may see."""
+    from enrollment.lfw_protocol import held_out_identities
+
+    test_people = held_out_identities(pairs_txt)
+    return np.flatnonzero([cache.identities[lab] not in test_people for lab in cache.labels])
+
+
 def _client_views(cache, indices: np.ndarray, profile, rng: np.random.Generator) -> np.ndarray:
     """Exactly what the client sends for these faces (face + mirror: one random subset, a
     random permutation each; float16), as the arrays the server decodes."""
@@ -252,7 +261,6 @@ def cmd_quantize(args) -> int:
 
     from enrollment import evaluation as ev
     from enrollment import onnx_runtime
-    from enrollment.lfw_protocol import held_out_identities
     from enrollment.model_io import DEFAULT_MODEL, embed, load_model, profile_for, served_inputs
 
     settings = load_settings(args.config)
@@ -266,8 +274,7 @@ def cmd_quantize(args) -> int:
     data = Path(args.data)
     pairs_txt = str(data / "lfw" / "pairs.txt")
     cache = ev.lfw_cache(data / "lfw", args.cache_dir or settings.cache_dir)
-    test_people = held_out_identities(pairs_txt)
-    allowed = np.flatnonzero([cache.identities[lab] not in test_people for lab in cache.labels])
+    allowed = _training_split(cache, pairs_txt)
     rng = np.random.default_rng(args.seed)
     chosen = rng.choice(allowed, args.images + args.check, replace=False)
     calibration = _client_views(cache, chosen[: args.images], profile, rng)
@@ -305,7 +312,6 @@ def cmd_whiten(args) -> int:
 
     from enrollment import evaluation as ev
     from enrollment import whitening
-    from enrollment.lfw_protocol import held_out_identities
     from enrollment.model_io import DEFAULT_MODEL, set_whitening
 
     settings = load_settings(args.config)
@@ -317,8 +323,7 @@ def cmd_whiten(args) -> int:
     torch.set_num_threads(args.threads)
     data = Path(args.data)
     cache = ev.lfw_cache(data / "lfw", args.cache_dir or settings.cache_dir)
-    test_people = held_out_identities(str(data / "lfw" / "pairs.txt"))
-    allowed = np.flatnonzero([cache.identities[lab] not in test_people for lab in cache.labels])
+    allowed = _training_split(cache, str(data / "lfw" / "pairs.txt"))
     if args.images:
         if args.images > len(allowed):
             raise ValueError(f"{args.images} images asked, {len(allowed)} training-split "
