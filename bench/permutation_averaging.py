@@ -167,7 +167,9 @@ def main() -> None:
         print(f"{mode:<34}" + "".join(f"{out['mean'][mode][k]:>20.4f}" for k in keys))
 
 
-def fixed_subsets(args, graph, profile, cache, pairs, out: dict, whiten=None) -> None:
+def fixed_subsets(
+    args, graph, profile, cache, pairs, out: dict, whiten: whitening.Whitening | None = None
+) -> None:
     """Accuracy per fixed subset both ways, and the spread (max - min) across subsets."""
     where = cache.index()
     idx = np.unique([where[p.path_a] for p in pairs] + [where[p.path_b] for p in pairs])

@@ -113,8 +113,8 @@ def main() -> int:
                 chosen = x
         for base, x in (("raw", e), ("whitened", chosen)):
             cs = x @ x[cohort].T  # every image against the cohort
+            s = np.sum(x[a] * x[b], 1)
             for k in AS_NORM_K:
-                s = np.sum(x[a] * x[b], 1)
                 row = verify(as_norm(s, cs[a], cs[b], k))
                 if k == 100:
                     row["rank1"] = rank1(as_norm(x[p] @ x[g].T, cs[p], cs[g], k))

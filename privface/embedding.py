@@ -202,7 +202,6 @@ class Embedder:
             where += f", each view under all {len(profile.permutations)} permutations"
         self._embed_views: Callable[[np.ndarray], np.ndarray] = run
         self._whitening = info["whitening"]
-        self.whitened = self._whitening is not None
         if self._whitening is not None:
             where += (f", whitened ({self._whitening.dims} directions, power "
                       f"{self._whitening.power:g})")
@@ -213,6 +212,10 @@ class Embedder:
             self.card.model_version, self.card.kind, self.card.profile.name,
             self.card.embedding_dim, where, value, source,
         )
+
+    @property
+    def whitened(self) -> bool:
+        return self._whitening is not None
 
     def decode(self, blob: bytes, what: str) -> np.ndarray:
         """Fully validated views of one protected input (views, C, H, W), in the dtype it was
