@@ -91,35 +91,42 @@ def embeddings(
     return out
 
 
-def verification(e: np.ndarray, idx: np.ndarray, cache, pairs) -> dict:
-    """LFW folds 6-10 accuracy and TAR at FAR 1e-3 of embeddings ``e`` of images ``idx``."""
+def verification(e: np.ndarray, idx: np.ndarray, cache, pairs, cohort=None) -> dict:
+    """LFW folds 6-10 accuracy and TAR at FAR 1e-3 of embeddings ``e`` of images ``idx``,
+    scored as the service scores (centred with the model file's cohort, if any)."""
     pos = {int(j): k for k, j in enumerate(idx)}
     where = cache.index()
     a = np.array([pos[where[p.path_a]] for p in pairs])
     b = np.array([pos[where[p.path_b]] for p in pairs])
-    scores = np.sum(e[a] * e[b], axis=1)
+    scores = ev.pair_scores(e[a], e[b], cohort)
     same = np.array([p.same for p in pairs])
     acc, std, _ = cross_validated_accuracy(scores, same, np.array([p.fold for p in pairs]))
     tar, _ = tar_at_far(scores, same, 1e-3)
     return {"accuracy": acc, "accuracy_std": std, "tar_at_far_1e-3": tar}
 
 
-def measure(e: np.ndarray, cache, idx, pairs, split, shipped: float, seed: int) -> dict:
+def measure(e: np.ndarray, cache, idx, pairs, split, shipped: float, seed: int,
+            cohort=None) -> dict:
     pos = {int(j): k for k, j in enumerate(idx)}
     g = np.array([pos[int(j)] for j in split["gallery"]])
     p = np.array([pos[int(j)] for j in split["probes"]])
-    ident = identification(e[p] @ e[g].T, cache.labels[split["gallery"]],
+    m = ev.cohort_means(e, cohort)
+    sims = e[p] @ e[g].T - 0.5 * (m[p][:, None] + m[g][None])
+    ident = identification(sims, cache.labels[split["gallery"]],
                            cache.labels[split["probes"]], split["mated"])
     # the threshold, on protected templates under one gallery key (what the service scores)
-    t = im.protect(e, im.derive_key(ev.MAPPING_SECRET, "gallery:eval:v1"))
+    key = im.derive_key(ev.MAPPING_SECRET, "gallery:eval:v1")
+    t = im.protect(e, key)
     t /= np.linalg.norm(t, axis=1, keepdims=True)
+    mt = ev.cohort_means(t, cohort, key)
     names = cache.labels[idx]
     rng = np.random.default_rng(seed)
     i, j = rng.integers(0, len(idx), (2, 300_000))
     keep = names[i] != names[j]
-    impostor = np.sum(t[i[keep]] * t[j[keep]], axis=1)
+    i, j = i[keep], j[keep]
+    impostor = np.sum(t[i] * t[j], axis=1) - 0.5 * (mt[i] + mt[j])
     return {
-        **verification(e, idx, cache, pairs),
+        **verification(e, idx, cache, pairs, cohort),
         "rank1": ident["rank1"],
         "rank5": ident["rank5"],
         "fnir_at_fpir_0.01": ident["fnir_at_fpir_0.01"],
@@ -145,13 +152,14 @@ def main() -> None:
     out = {"model": args.model, "images": int(len(idx)), "shipped_threshold": shipped,
            "threads": args.threads, "date": time.strftime("%Y-%m-%d %H:%M"), "seeds": {}}
     if args.fixed_subsets:
-        fixed_subsets(args, graph, profile, cache, pairs, out, info["whitening"])
+        fixed_subsets(args, graph, profile, cache, pairs, out, info["whitening"], info["cohort"])
         return
     for seed in (int(s) for s in args.seeds.split(",")):
         start = time.perf_counter()
         e = embeddings(graph, profile, cache, idx, seed, whiten=info["whitening"])
         out["seeds"][str(seed)] = {
-            mode: measure(e[mode], cache, idx, pairs, split, shipped, seed) for mode in MODES
+            mode: measure(e[mode], cache, idx, pairs, split, shipped, seed, info["cohort"])
+            for mode in MODES
         }
         out["seeds"][str(seed)]["seconds"] = time.perf_counter() - start
         if args.json:
@@ -168,7 +176,8 @@ def main() -> None:
 
 
 def fixed_subsets(
-    args, graph, profile, cache, pairs, out: dict, whiten: whitening.Whitening | None = None
+    args, graph, profile, cache, pairs, out: dict, whiten: whitening.Whitening | None = None,
+    cohort=None,
 ) -> None:
     """Accuracy per fixed subset both ways, and the spread (max - min) across subsets."""
     where = cache.index()
@@ -177,7 +186,8 @@ def fixed_subsets(
     out.update(images=int(len(idx)), seed=seed, subsets={})
     for s in range(len(profile.subsets)):
         e = embeddings(graph, profile, cache, idx, seed, subset=s, whiten=whiten)
-        out["subsets"][str(s)] = {m: verification(e[m], idx, cache, pairs) for m in MODES}
+        out["subsets"][str(s)] = {m: verification(e[m], idx, cache, pairs, cohort)
+                                  for m in MODES}
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2))
     out["spread"] = {}

@@ -8,14 +8,19 @@ as the client sends them; views as sent, no permutation averaging):
   its top ``dims`` principal directions each divided by (std) ** ``power``;
 * adaptive symmetric score normalisation (AS-norm, top-K): each score standardised by the
   mean and std of the K highest scores of either side against the training-split cohort;
-  not in the service (it needs cohort statistics per template and per probe).
+  not in the service (its standard-deviation half is not an inner product);
+* cohort score centring (``enrollment.score_centring``, what the service does): each score
+  less half of either side's mean top-k cosine against k-means centroids of the whitened
+  cohort — the service's 1,000 centroids / top 20, and the 6,922 faces themselves / top 100.
 
 Reported per variant: verification accuracy (threshold cross-validated over the folds), TAR
 at FAR 1e-3, and for a few variants 1:N rank-1 (method.md §7) and the accuracy after the
 gallery identity mapping averaged over six gallery keys (the service scores mapped
-templates). Every image of LFW is embedded once per draw (~6.5 minutes per draw on 2 cores).
+templates). Every image of LFW is embedded once per draw (~6.5 minutes per draw on 2 cores;
+``--embeddings DIR`` keeps the raw embeddings of each draw there and reuses them: they
+depend on the weights and the seed only).
 
-    python bench/score_normalisation.py --seeds 0,1,2 \
+    python bench/score_normalisation.py --seeds 0,1,2 --embeddings /tmp/lfw-raw \
         --json bench/results/score-normalisation.json --plot docs/score-normalisation.png
 """
 
@@ -36,7 +41,7 @@ import _lfw
 
 from enrollment import evaluation as ev
 from enrollment import identity_mapping as im
-from enrollment import whitening
+from enrollment import score_centring, whitening
 from enrollment.lfw_protocol import held_out_identities, held_out_pairs
 from enrollment.metrics import cross_validated_accuracy, identification, tar_at_far
 
@@ -44,6 +49,7 @@ GRID_DIMS = (64, 96, 128)
 GRID_POWERS = (0.25, 0.5, 0.75, 1.0)
 AS_NORM_K = (50, 100, 200)
 CHOSEN = (128, 0.5)  # privface whiten's defaults
+CENTRING = (1000, 20)  # privface whiten's defaults: centroids, top k
 MAPPING_KEYS = 6
 
 
@@ -65,6 +71,7 @@ def main() -> int:
     ap = _lfw.parser(__doc__)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--plot")
+    ap.add_argument("--embeddings", help="folder to keep and reuse each draw's raw embeddings")
     args = ap.parse_args()
     pairs_txt, cache, _, _, _ = _lfw.load(args)
     pairs = held_out_pairs(pairs_txt)
@@ -84,12 +91,19 @@ def main() -> int:
         return {"accuracy": cross_validated_accuracy(s, same, folds)[0],
                 "tar_at_far_1e-3": tar_at_far(s, same, 1e-3)[0]}
 
-    def mapped(e: np.ndarray) -> float:
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def mapped(e: np.ndarray, cohort: score_centring.Cohort | None = None) -> float:
         accs = []
         for key in keys:
-            t = im.protect(e.astype(np.float32), key).astype(np.float64)
-            t /= np.linalg.norm(t, axis=1, keepdims=True)
-            accs.append(cross_validated_accuracy(np.sum(t[a] * t[b], 1), same, folds)[0])
+            t = unit(im.protect(e.astype(np.float32), key).astype(np.float64))
+            s = np.sum(t[a] * t[b], 1)
+            if cohort is not None:  # the cohort under the same key, as the service does
+                m = score_centring.cohort_means(t, unit(im.protect(cohort.centroids, key)),
+                                                cohort.k)
+                s = score_centring.centre(s, m[a], m[b])
+            accs.append(cross_validated_accuracy(s, same, folds)[0])
         return float(np.mean(accs))
 
     def rank1(sims: np.ndarray) -> float:
@@ -97,7 +111,14 @@ def main() -> int:
 
     per_seed: dict[str, dict] = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
-        e = ev.model_embedder(args.model, cache, seed, whiten=False)(np.arange(len(ident)))
+        kept = Path(args.embeddings or ".") / f"raw-seed{seed}.npy"
+        if args.embeddings and kept.exists():
+            e = np.load(kept)
+        else:
+            e = ev.model_embedder(args.model, cache, seed, whiten=False)(np.arange(len(ident)))
+            if args.embeddings:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                np.save(kept, e.astype(np.float32))
         e = e.astype(np.float64)
         rows: dict[str, dict] = {}
         chosen = None
@@ -111,6 +132,17 @@ def main() -> int:
                 rows[name]["rank1"] = rank1(x[p] @ x[g].T)
             if name == f"whiten {CHOSEN[0]} / {CHOSEN[1]:g}":
                 chosen = x
+        s = np.sum(chosen[a] * chosen[b], 1)
+        for name, centring in (
+            ("whiten + centring", score_centring.fit(chosen[cohort], *CENTRING, seed=0)),
+            ("whiten + centring, faces / 100", score_centring.Cohort(
+                chosen[cohort].astype(np.float32), 100, len(cohort))),
+        ):
+            m = score_centring.cohort_means(chosen, centring.centroids, centring.k)
+            rows[name] = verify(score_centring.centre(s, m[a], m[b]))
+            rows[name]["gallery_key_accuracy"] = mapped(chosen, centring)
+            rows[name]["rank1"] = rank1(score_centring.centre(
+                chosen[p] @ chosen[g].T, m[p][:, None], m[g][None]))
         for base, x in (("raw", e), ("whitened", chosen)):
             cs = x @ x[cohort].T  # every image against the cohort
             s = np.sum(x[a] * x[b], 1)
@@ -151,6 +183,8 @@ def main() -> int:
         ax.axhline(mean["raw"]["accuracy"] * 100, color="k", ls="--", label="raw embeddings")
         ax.axhline(mean["AS-norm 100"]["accuracy"] * 100, color="grey", ls=":",
                    label="AS-norm, top 100 (raw)")
+        ax.axhline(mean["whiten + centring"]["accuracy"] * 100, color="tab:red", ls="-.",
+                   label="whiten 128 / 0.5 + score centring (served)")
         ax.set_xlabel("whitening power (each direction / std ** power)")
         ax.set_ylabel("LFW folds 6-10 accuracy, %")
         ax.set_title(f"Protected model, mean of {len(per_seed)} rank draws")

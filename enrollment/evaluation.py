@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from enrollment import identity_mapping as im
-from enrollment import onnx_runtime, partialface
+from enrollment import onnx_runtime, partialface, score_centring
 from enrollment.face_cache import FaceCache, build_cache
 from enrollment.lfw_protocol import held_out_identities, held_out_pairs
 from enrollment.metrics import (
@@ -28,9 +28,39 @@ from enrollment.metrics import (
     threshold_at_far,
 )
 from enrollment.model_io import embed, load_model, model_inputs, profile_for, served_inputs
+from enrollment.score_centring import Cohort
 from enrollment.whitening import apply as whitening_apply
 
-Embedder = Callable[[np.ndarray], np.ndarray]  # image indices -> unit embeddings
+# image indices -> unit embeddings; a model's embedder carries the model file's score-centring
+# cohort as its ``cohort`` attribute (None: plain cosine scores), which every score here uses
+Embedder = Callable[[np.ndarray], np.ndarray]
+
+
+def cohort_of(embedder: Embedder) -> Cohort | None:
+    return getattr(embedder, "cohort", None)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def cohort_means(
+    x: np.ndarray, cohort: Cohort | None, key: im.MappingKey | None = None
+) -> np.ndarray:
+    """Cohort means of unit embeddings (or, under ``key``, of their unit templates), as the
+    service centres scores with them; 0 without a cohort."""
+    if cohort is None:
+        return np.zeros(len(x))
+    centroids = cohort.centroids if key is None else _unit(im.protect(cohort.centroids, key))
+    return score_centring.cohort_means(x, centroids, cohort.k)
+
+
+def pair_scores(ea: np.ndarray, eb: np.ndarray, cohort: Cohort | None) -> np.ndarray:
+    """The service's scores of pairs of unit embeddings: cosine, centred with a cohort."""
+    s = np.sum(ea * eb, axis=1)
+    if cohort is None:
+        return s
+    return score_centring.centre(s, cohort_means(ea, cohort), cohort_means(eb, cohort))
 
 
 def model_embedder(
@@ -109,6 +139,7 @@ def model_embedder(
             out.append(total / np.linalg.norm(total, axis=1, keepdims=True))
         return whitening_apply(np.concatenate(out), whitening)
 
+    run.cohort = info["cohort"] if whiten else None  # fitted on the whitened embeddings
     return run
 
 
@@ -137,25 +168,43 @@ MAPPING_SECRET = b"privface-evaluation-only"
 
 
 def mapped_pair_scores(
-    ea: np.ndarray, eb: np.ndarray, names_a: list[str], names_b: list[str], mode: str
+    ea: np.ndarray, eb: np.ndarray, names_a: list[str], names_b: list[str], mode: str,
+    cohort: Cohort | None = None,
 ) -> np.ndarray:
-    """Cosine scores of pairs after the identity mapping (method.md §5).
+    """Scores of pairs after the identity mapping (method.md §5), as the service scores
+    templates: cosine, centred with the cohort mapped under the same key.
 
     ``gallery``: one key for everyone (what 1:N search needs); ``subject``: each image under
     its own identity's key, so impostors present their own key (the two-factor case);
     ``stolen``: the impostor holds the claimed identity's key (both sides under A's key).
     """
+    @cache
     def key(context: str) -> im.MappingKey:
         return im.derive_key(MAPPING_SECRET, context)
 
     if mode == "gallery":
         k = key("gallery:eval:v1")
-        return im.cosine(im.protect(ea, k), im.protect(eb, k))
+        ta, tb = _unit(im.protect(ea, k)), _unit(im.protect(eb, k))
+        s = np.sum(ta * tb, axis=1)
+        if cohort is None:
+            return s
+        return score_centring.centre(s, cohort_means(ta, cohort, k), cohort_means(tb, cohort, k))
+
+    @cache
+    def centroids(context: str) -> np.ndarray:
+        return _unit(im.protect(cohort.centroids, key(context)))
+
     scores = np.empty(len(ea))
     for i, (a, b) in enumerate(zip(names_a, names_b, strict=True)):
-        ka = key(f"subject:{a}:v1")
-        kb = ka if mode == "stolen" else key(f"subject:{b}:v1")
-        scores[i] = im.cosine(im.protect(ea[i], ka), im.protect(eb[i], kb))[0]
+        ca = f"subject:{a}:v1"
+        cb = ca if mode == "stolen" else f"subject:{b}:v1"
+        ta, tb = _unit(im.protect(ea[i], key(ca))), _unit(im.protect(eb[i], key(cb)))
+        scores[i] = np.sum(ta * tb)
+        if cohort is not None:
+            # each side's mean under the key its template was made with
+            ma = score_centring.cohort_means(ta, centroids(ca), cohort.k)
+            mb = score_centring.cohort_means(tb, centroids(cb), cohort.k)
+            scores[i] = score_centring.centre(scores[i], ma, mb)[0]
     return scores
 
 
@@ -174,11 +223,11 @@ def verification(
     e = embedder(uniq)
     ea, eb = e[inv[: len(a)]], e[inv[len(a) :]]
     if mapping is None:
-        scores = np.sum(ea * eb, axis=1)
+        scores = pair_scores(ea, eb, cohort_of(embedder))
     else:
         names_a = [p.path_a.split("/")[0] for p in pairs]
         names_b = [p.path_b.split("/")[0] for p in pairs]
-        scores = mapped_pair_scores(ea, eb, names_a, names_b, mapping)
+        scores = mapped_pair_scores(ea, eb, names_a, names_b, mapping, cohort_of(embedder))
     same = np.array([p.same for p in pairs])
     folds = np.array([p.fold for p in pairs])
     acc, std, per_fold = cross_validated_accuracy(scores, same, folds)
@@ -209,15 +258,16 @@ def impostor_threshold(
     ident = np.array([p.split("/")[0] for p in cache.paths])
     idx = np.flatnonzero(np.isin(ident, list(names)))
     e = embedder(idx)
+    cohort = cohort_of(embedder)
     key = im.derive_key(MAPPING_SECRET, "gallery:eval:v1")
-    t = im.protect(e, key)
-    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    t = _unit(im.protect(e, key))
+    me, mt = cohort_means(e, cohort), cohort_means(t, cohort, key)
     rng = np.random.default_rng(seed)
     a, b = rng.integers(0, len(idx), (2, n_pairs))
     keep = ident[idx[a]] != ident[idx[b]]
     a, b = a[keep], b[keep]
-    emb_scores = np.sum(e[a] * e[b], axis=1)
-    tpl_scores = np.sum(t[a] * t[b], axis=1)
+    emb_scores = score_centring.centre(np.sum(e[a] * e[b], axis=1), me[a], me[b])
+    tpl_scores = score_centring.centre(np.sum(t[a] * t[b], axis=1), mt[a], mt[b])
     return {
         "impostor_pairs": int(len(a)),
         "threshold_embedding": threshold_at_far(emb_scores, far),
@@ -246,8 +296,11 @@ def identify(embedder: Embedder, cache: FaceCache, pairs_txt: str) -> dict:
     split = identification_split(cache, pairs_txt)
     g, p = split["gallery"], split["probes"]
     eg, ep = embedder(g), embedder(p)
+    cohort = cohort_of(embedder)
+    sims = score_centring.centre(ep @ eg.T, cohort_means(ep, cohort)[:, None],
+                                 cohort_means(eg, cohort)[None])
     labels = cache.labels
-    return identification(ep @ eg.T, labels[g], labels[p], split["mated"])
+    return identification(sims, labels[g], labels[p], split["mated"])
 
 
 def lfw_cache(data_dir: str | os.PathLike, cache_dir: str | os.PathLike) -> FaceCache:

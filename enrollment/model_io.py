@@ -18,6 +18,7 @@ from enrollment import hfcf, partialface, rank_inference
 from enrollment.backbone import Backbone, BackboneConfig
 from enrollment.frequency import coefficient_maps, rgb_to_ycbcr_shifted
 from enrollment.profiles import ProtectionProfile, get_profile, rank_table
+from enrollment.score_centring import Cohort
 from enrollment.whitening import Whitening
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -140,10 +141,12 @@ def save_model(
 
 
 def load_model(path: str | os.PathLike = DEFAULT_MODEL) -> tuple[Backbone, dict]:
-    """(model in eval mode, info: kind, profile, meta, whitening) from a saved model file.
+    """(model in eval mode, info: kind, profile, meta, whitening, cohort) from a saved model
+    file.
 
     ``whitening`` (a :class:`Whitening` or None) is applied to the model's final unit
-    embeddings (after the views are combined) wherever templates are made."""
+    embeddings (after the views are combined) wherever templates are made; ``cohort`` (a
+    :class:`Cohort` or None), fitted on the whitened embeddings, centres every score."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
     model = Backbone(BackboneConfig.from_dict(blob["config"]))
     model.load_state_dict(
@@ -153,7 +156,7 @@ def load_model(path: str | os.PathLike = DEFAULT_MODEL) -> tuple[Backbone, dict]
     # 58 -> 77 views/s on one thread); the weights and the inputs' layout are unchanged.
     model = model.to(memory_format=torch.channels_last).eval()
     info = {"kind": blob["kind"], "profile": blob["profile"], "meta": json.loads(blob["meta"]),
-            "whitening": _whitening_of(blob)}
+            "whitening": _whitening_of(blob), "cohort": _cohort_of(blob)}
     return model, info
 
 
@@ -164,25 +167,44 @@ def _whitening_of(blob: dict) -> Whitening | None:
     return Whitening.from_dict({k: v.numpy() if torch.is_tensor(v) else v for k, v in w.items()})
 
 
+def _cohort_of(blob: dict) -> Cohort | None:
+    c = blob.get("cohort")
+    if c is None:
+        return None
+    return Cohort.from_dict({k: v.numpy() if torch.is_tensor(v) else v for k, v in c.items()})
+
+
+def _tensors(d: dict) -> dict:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+            for k, v in d.items()}
+
+
 #: meta keys that describe the scores of a model file: stale once its embeddings change
 SCORE_META_KEYS = ("threshold_far_1e-3", "threshold_far_1e-3_embedding",
                    "threshold_calibration", "lfw_accuracy")
 
 
-def set_whitening(path: str | os.PathLike, whitening: Whitening | None) -> dict:
-    """Store (or with None remove) the whitening of a saved model, and drop the calibrated
+def set_whitening(
+    path: str | os.PathLike, whitening: Whitening | None, cohort: Cohort | None = None
+) -> dict:
+    """Store (or with None remove) the whitening of a saved model and the score-centring
+    cohort fitted on its whitened embeddings (None: no centring), and drop the calibrated
     threshold and accuracy from its meta: they were measured on the old scores, and a
     service must not run on a stale threshold (``privface eval lfw --write-threshold``
     calibrates it again). Returns the new meta."""
 
     def change(blob: dict) -> dict:
         blob.pop("whitening", None)
+        blob.pop("cohort", None)
         if whitening is not None:
-            blob["whitening"] = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(
-                v, np.ndarray) else v for k, v in whitening.to_dict().items()}
+            blob["whitening"] = _tensors(whitening.to_dict())
+        if cohort is not None:
+            blob["cohort"] = _tensors(cohort.to_dict())
         meta = {k: v for k, v in json.loads(blob["meta"]).items() if k not in SCORE_META_KEYS}
         meta["whitening"] = None if whitening is None else {
             "dims": whitening.dims, "power": whitening.power, "cohort": whitening.cohort}
+        meta["score_centring"] = None if cohort is None else {
+            "centroids": len(cohort.centroids), "k": cohort.k, "images": cohort.images}
         return meta
 
     return _rewrite(path, change)

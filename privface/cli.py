@@ -154,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.set_defaults(func="privface.model_commands:cmd_quantize")
 
-    p = sub.add_parser("whiten", help="fit the embedding whitening of a model on "
-                       "training-split LFW faces and store it in the model file")
+    p = sub.add_parser("whiten", help="fit the embedding whitening and the score-centring "
+                       "cohort of a model on training-split LFW faces and store them in the "
+                       "model file")
     p.add_argument("--model", default=None, help="model file (default: shipped); rewritten")
     p.add_argument("--data", default="../shared/data", help="folder holding lfw/")
     p.add_argument("--dims", type=int, default=128,
@@ -165,7 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "whitening)")
     p.add_argument("--images", type=int, default=0,
                    help="training-split images in the cohort (default 0: all of them)")
-    p.add_argument("--remove", action="store_true", help="remove the model's whitening")
+    p.add_argument("--centroids", type=int, default=1000,
+                   help="k-means centroids of the whitened cohort that score centring compares "
+                   "each face with (0: no score centring)")
+    p.add_argument("--top-k", type=int, default=20,
+                   help="nearest centroids whose mean cosine is a face's cohort mean")
+    p.add_argument("--remove", action="store_true",
+                   help="remove the model's whitening and score centring")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir")

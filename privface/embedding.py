@@ -205,6 +205,11 @@ class Embedder:
         if self._whitening is not None:
             where += (f", whitened ({self._whitening.dims} directions, power "
                       f"{self._whitening.power:g})")
+        #: the score-centring cohort (enrollment.score_centring), in the whitened space
+        self.cohort = info["cohort"]
+        if self.cohort is not None:
+            where += (f", scores centred on {len(self.cohort.centroids)} cohort centroids "
+                      f"(top {self.cohort.k})")
         self._digest = self.card.profile.digest()  # asdict + JSON + SHA-256: once, not per view
         self._lock = threading.Lock()
         log.info(

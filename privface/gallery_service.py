@@ -55,7 +55,8 @@ import numpy as np
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from enrollment.identity_mapping import protect, protected_dim
+from enrollment import score_centring
+from enrollment.identity_mapping import MappingKey, protect, protected_dim
 from matcher import GalleryIndex
 from matcher.milvus_backend import STATE_SUFFIX, MilvusGalleryIndex
 from privface.auth import AuthError, Principal
@@ -303,6 +304,11 @@ class GalleryEngine:
         self._snapshotter: threading.Thread | None = None
         self._maintaining: set[int] = set()
         self.template_dim = protected_dim(self.card.embedding_dim, self._any_key())
+        # centred scores are inner products of index vectors two coordinates longer
+        # (enrollment.score_centring); templates in PostgreSQL keep template_dim
+        self.index_dim = self.template_dim + (
+            score_centring.EXTRA_DIMS if embedder.cohort is not None else 0)
+        self._cohorts: dict[MappingKey, np.ndarray] = {}  # cohort centroids, per mapping key
         self._milvus_client: Any = None
         if milvus is not None:
             from pymilvus import MilvusClient
@@ -328,6 +334,18 @@ class GalleryEngine:
 
     def _key(self, gallery: str, key_id: str):
         return mapping_key(self.keys.get(), gallery, key_id, **self.card.mapping)
+
+    def _cohort_means(self, key: MappingKey, templates: np.ndarray) -> np.ndarray:
+        """Each unit template's cohort mean: the model's cohort mapped under the same key
+        (once per key), as the scores it centres are between templates of that key; zeros
+        when the model centres no scores."""
+        cohort = self.embedder.cohort
+        if cohort is None:
+            return np.zeros(len(templates))
+        centroids = self._cohorts.get(key)
+        if centroids is None:
+            centroids = self._cohorts[key] = _unit(protect(cohort.centroids, key))
+        return score_centring.cohort_means(templates, centroids, cohort.k)
 
     def current_template_key_id(self) -> str:
         ids = template_key_ids(self.keys.get())
@@ -409,7 +427,7 @@ class GalleryEngine:
         """An empty index; with Milvus a new collection (an old one of that name dropped)."""
         if self.milvus is None:
             return GalleryIndex(
-                self.template_dim, expected_size=expected, force_cpu=self._force_cpu
+                self.index_dim, expected_size=expected, force_cpu=self._force_cpu
             )
         index = self._open_collection(gallery, gallery_id, key_id)
         if index.seq != -1 or len(index):
@@ -426,7 +444,7 @@ class GalleryEngine:
     def _open_collection(self, gallery: str, gallery_id: int, key_id: str) -> MilvusGalleryIndex:
         """The collection of (gallery incarnation, model, key version), created if new."""
         return MilvusGalleryIndex(
-            self.template_dim, self._collection_name(gallery, gallery_id, key_id),
+            self.index_dim, self._collection_name(gallery, gallery_id, key_id),
             uri=self.milvus.uri, client=self._milvus_client,
             index=self.milvus.index_spec(), search_params=self.milvus.search_spec(),
         )
@@ -540,12 +558,13 @@ class GalleryEngine:
                 for r in chunk:
                     groups.setdefault(r.template_key_id, []).append(r)
                 for key_id, records in groups.items():
-                    if self._key(state.name, key_id) is None:
+                    key = self._key(state.name, key_id)
+                    if key is None:
                         continue
                     if key_id not in indexes:
                         indexes[key_id] = self._new_index(info.sample_count, state.name,
                                                           info.id, key_id)
-                    self._add(indexes[key_id], records, cursor)
+                    self._add(indexes[key_id], key, records, cursor)
             versions = repo.template_versions(s, state.name)
         state.indexes = indexes
         state.gallery_id = info.id
@@ -653,13 +672,16 @@ class GalleryEngine:
                     written += 1
         return written
 
-    @staticmethod
     def _add(
-        index: GalleryIndex | MilvusGalleryIndex, records: Sequence[TemplateRecord], seq: int
+        self, index: GalleryIndex | MilvusGalleryIndex, key: MappingKey,
+        records: Sequence[TemplateRecord], seq: int,
     ) -> None:
+        """Index templates made with ``key``: with score centring, their index vectors."""
         if not records:
             return
-        x = np.stack([r.template for r in records])
+        x = _unit(np.stack([r.template for r in records]))
+        if self.embedder.cohort is not None:
+            x = score_centring.index_vectors(x, self._cohort_means(key, x))
         index.add(x, [r.sample_id for r in records], [r.subject_id for r in records], seq=seq)
 
     def _catch_up(self, state: _GalleryState) -> None:
@@ -688,13 +710,14 @@ class GalleryEngine:
                 if r.model_version == mv:
                     groups.setdefault(r.template_key_id, []).append(r)
             for key_id, records in groups.items():
-                if self._key(state.name, key_id) is None:
+                key = self._key(state.name, key_id)
+                if key is None:
                     continue
                 index = state.indexes.get(key_id)
                 if index is None:
                     index = state.indexes[key_id] = self._new_index(
                         len(records), state.name, state.gallery_id, key_id)
-                self._add(index, records, cs.cursor)
+                self._add(index, key, records, cs.cursor)
             state.cursor = cs.cursor
             if not cs.has_more:
                 break
@@ -878,7 +901,8 @@ class GalleryEngine:
             "max_views_per_input": MAX_VIEWS,
             "model_runtime": f"{self.embedder.runtime} {self.embedder.precision}"
             + (", permutation-averaged" if self.embedder.average_permutations else "")
-            + (", whitened" if self.embedder.whitened else ""),
+            + (", whitened" if self.embedder.whitened else "")
+            + (", score-centred" if self.embedder.cohort is not None else ""),
         }
 
     # ------------------------------------------------------------------ galleries
@@ -1170,16 +1194,22 @@ class GalleryEngine:
             key = self._key(gallery, key_id)
             if key is None:
                 continue
-            query = _unit(protect(embedding[None], key))[0]
+            query = _unit(protect(embedding[None], key))
+            mean = float(self._cohort_means(key, query)[0])
+            centred = self.embedder.cohort is not None
+            if centred:
+                query = score_centring.query_vectors(query)
             # Fetch a little deeper so hits hidden by pending tombstones leave no hole.
             extra = min(len(state.deleted), 1000)
-            for hit in index.search(query, top_k + extra):
+            for hit in index.search(query[0], top_k + extra):
                 if hit.sample_id in state.deleted:
                     continue
+                score = score_centring.from_index_score(hit.score, mean) if centred \
+                    else hit.score
                 known = best.get(hit.subject)
-                if known is None or hit.score > known.score:
-                    best[hit.subject] = Candidate(str(hit.subject), hit.score, hit.sample_id,
-                                                  False)
+                if known is None or score > known.score:
+                    best[hit.subject] = Candidate(str(hit.subject), float(score),
+                                                  hit.sample_id, False)
         ranked = sorted(best.values(), key=lambda c: (-c.score, c.subject_id))
         return ranked[:top_k]
 
@@ -1242,8 +1272,11 @@ class GalleryEngine:
                 key = self._key(gallery, sample.template_key_id)
                 if key is None or sample.template is None:
                     continue
-                query = _unit(protect(embedding[None], key))[0]
-                score = float(np.dot(query, _unit(sample.template)))
+                query = _unit(protect(embedding[None], key))
+                template = _unit(sample.template[None])
+                score = float(score_centring.centre(
+                    np.dot(query[0], template[0]), *self._cohort_means(key, query),
+                    *self._cohort_means(key, template)))
                 if best_score is None or score > best_score:
                     best_score, best_id = score, sample.sample_id
             if best_score is None:

@@ -307,11 +307,12 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_whiten(args) -> int:
-    """Fit the whitening on training-split LFW faces (never folds 6-10) and store it."""
+    """Fit the whitening and the score-centring cohort on training-split LFW faces (never
+    folds 6-10) and store them."""
     import torch
 
     from enrollment import evaluation as ev
-    from enrollment import whitening
+    from enrollment import score_centring, whitening
     from enrollment.model_io import DEFAULT_MODEL, set_whitening
 
     settings = load_settings(args.config)
@@ -334,8 +335,13 @@ def cmd_whiten(args) -> int:
     # without any whitening the file already carries
     raw = ev.model_embedder(model_path, cache, args.seed, whiten=False)(allowed)
     fitted = whitening.fit(raw, args.dims, args.power)
-    meta = set_whitening(model_path, fitted)
+    cohort = None
+    if args.centroids:
+        cohort = score_centring.fit(whitening.apply(raw, fitted), args.centroids, args.top_k,
+                                    seed=args.seed)
+    meta = set_whitening(model_path, fitted, cohort)
     print(json.dumps({"model": str(model_path), "whitening": meta["whitening"],
+                      "score_centring": meta["score_centring"],
                       "next": "privface eval lfw --write-threshold (the threshold was "
                       "dropped: scores changed) and privface quantize (the file changed)"},
                      indent=2))

@@ -90,3 +90,40 @@ def test_att_not_enrolled_answered_no_match(real_model, service, att_inputs, cap
     for k, v in figures.items():
         record_property(k, v)
     assert no_match > 0.5, figures
+
+
+def test_identify_and_verify_score_alike_centred(real_model, service, att_inputs):
+    """Identify (through the index's longer vectors) and verify (from the stored templates)
+    give one score: the templates' cosine less half of either side's cohort mean, the
+    cohort mapped under the gallery's template key (enrollment.score_centring)."""
+    import numpy as np
+
+    from enrollment import score_centring
+    from enrollment.identity_mapping import protect
+    from privface.keys import mapping_key
+
+    engine = service.engine
+    cohort = engine.embedder.cohort
+    if cohort is None:
+        pytest.skip("the shipped model centres no scores")
+    g = "att-centring"
+    with service.client("admin") as c:
+        c.create_gallery(g)
+        for s in (1, 2, 3):
+            c.enroll(g, f"s{s}", [att_inputs[(s, 1)]])
+        probe = att_inputs[(1, 2)]
+        found = c.identify(g, probe, top_k=3)
+        checked = {s: c.verify(g, f"s{s}", probe).score for s in (1, 2, 3)}
+        key_id = c.server_info().template_key_id
+    assert {x.subject_id: x.score for x in found.candidates} == pytest.approx(
+        {f"s{s}": v for s, v in checked.items()}, abs=1e-5)
+    key = mapping_key(engine.keys.get(), g, key_id, **engine.card.mapping)
+    centroids = protect(cohort.centroids, key)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    q = engine.template_of(g, probe)
+    for s in (1, 2, 3):
+        t = engine.template_of(g, att_inputs[(s, 1)])
+        m = score_centring.cohort_means(np.stack([q, t]), centroids, cohort.k)
+        cosine = float(q @ t)
+        assert checked[s] == pytest.approx(cosine - m.mean(), abs=1e-5)
+        assert abs(checked[s] - cosine) > 0.05  # the centring is there to be seen

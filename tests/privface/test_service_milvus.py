@@ -163,7 +163,9 @@ def test_same_answers_as_faiss_and_deleted_subjects_never_returned(cluster, face
     probes = _probes(faces, range(1, 7)) + [faces[(2, 1)]]
     got = _answers(m, g, probes)
     _same(got, _answers(f, g, probes))
-    assert got[6][0][0] == "s2" and got[6][0][2] > 0.999  # an enrolled input finds itself
+    # an enrolled input finds itself, with the best score any probe gets (1 with plain
+    # cosines; with score centring 1 less its template's cohort mean)
+    assert got[6][0][0] == "s2" and got[6][0][2] >= max(a[0][2] for a in got) - 1e-6
     with m.client("admin") as c:
         stats = c.gallery_stats(g)
         assert (stats.index_type, stats.indexed_samples) == ("milvus:FLAT", 12)

@@ -1,5 +1,6 @@
-"""Whitening in the model file: `privface whiten` fits it on training-split faces only, the
-file's stale threshold goes, and the service and the evaluation both apply it."""
+"""Whitening and score centring in the model file: `privface whiten` fits both on
+training-split faces only, the file's stale threshold goes, and the service and the
+evaluation both apply them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from enrollment import evaluation as ev
-from enrollment import whitening
+from enrollment import score_centring, whitening
 from enrollment.model_io import load_model, save_model, set_whitening
 from enrollment.partialface import protect
 from privface.cli import main
@@ -38,8 +39,16 @@ def test_set_whitening_stores_it_and_drops_the_stale_threshold(model_file):
     np.testing.assert_array_equal(info["whitening"].directions, fitted.directions)
     with pytest.raises(ValueError, match="no calibrated threshold"):
         Embedder(model_file, threads=1)  # no service on a stale or missing threshold
+    assert meta["score_centring"] is None and load_model(model_file)[1]["cohort"] is None
+    cohort = score_centring.fit(whitening.apply(cohort / np.linalg.norm(
+        cohort, axis=1, keepdims=True), fitted), n_centroids=20, k=3)
+    meta = set_whitening(model_file, fitted, cohort)
+    assert meta["score_centring"] == {"centroids": 20, "k": 3, "images": 200}
+    stored = load_model(model_file)[1]["cohort"]
+    np.testing.assert_allclose(stored.centroids, cohort.centroids, atol=2e-3)
     set_whitening(model_file, None)
     assert load_model(model_file)[1]["whitening"] is None
+    assert load_model(model_file)[1]["cohort"] is None
 
 
 def test_the_service_and_the_evaluation_whiten_alike(model_file, aligned_faces, tmp_path):
@@ -56,18 +65,43 @@ def test_the_service_and_the_evaluation_whiten_alike(model_file, aligned_faces, 
     e = served.embed(sent)
     np.testing.assert_allclose(e, whitening.apply(e_raw, fitted), atol=1e-5)
     assert np.abs(e - e_raw).max() > 0.1
+    assert served.cohort is None
+
+
+def test_the_service_and_the_evaluation_centre_scores_alike(model_file, small_lfw, tmp_path):
+    """The evaluation's pair scores are the service's verify scores would be: the cohort the
+    model file carries, with the same top-k, on the same whitened embeddings."""
+    root, _ = small_lfw
+    cache = ev.lfw_cache(root / "lfw", tmp_path / "cache")
+    rng = np.random.default_rng(2)
+    cohort = rng.normal(size=(300, 64))
+    cohort /= np.linalg.norm(cohort, axis=1, keepdims=True)
+    fitted = whitening.fit(cohort, 8, 0.5)
+    centring = score_centring.fit(whitening.apply(cohort, fitted), n_centroids=30, k=4)
+    set_whitening(model_file, fitted, centring)
+    served = Embedder(model_file, threads=1, runtime="torch", threshold=0.5)
+    assert served.cohort.k == 4 and len(served.cohort.centroids) == 30
+    embedder = ev.model_embedder(model_file, cache, 0)
+    assert ev.cohort_of(embedder) is not None
+    assert ev.cohort_of(ev.model_embedder(model_file, cache, 0, whiten=False)) is None
+    e = embedder(np.arange(6))
+    s = ev.pair_scores(e[:3], e[3:], ev.cohort_of(embedder))
+    m = score_centring.cohort_means(e, served.cohort.centroids, 4)
+    np.testing.assert_allclose(s, np.sum(e[:3] * e[3:], 1) - (m[:3] + m[3:]) / 2, atol=1e-6)
 
 
 def test_whiten_command_fits_on_training_split_people(small_lfw, model_file, tmp_path, capsys):
     root, n_train = small_lfw
     common = ["whiten", "--model", str(model_file), "--data", str(root), "--threads", "1",
-              "--cache-dir", str(tmp_path / "cache"), "--dims", "4"]
+              "--cache-dir", str(tmp_path / "cache"), "--dims", "4", "--centroids", "4",
+              "--top-k", "2"]
     with pytest.raises(ValueError, match="training-split"):
         main([*common, "--images", str(n_train + 1)])
     capsys.readouterr()
     assert main(common) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["whitening"] == {"dims": 4, "power": 0.5, "cohort": n_train}
+    assert out["score_centring"] == {"centroids": 4, "k": 2, "images": n_train}
     _, info = load_model(model_file)
     cache = ev.lfw_cache(root / "lfw", tmp_path / "cache")
     train = np.flatnonzero([not n.startswith(tuple(_test_people(root))) for n in cache.paths])
@@ -75,8 +109,12 @@ def test_whiten_command_fits_on_training_split_people(small_lfw, model_file, tmp
     # the fit is the cohort's: refit on the same embeddings (same seed, same draws)
     raw = ev.model_embedder(model_file, cache, 0, whiten=False)(train)
     np.testing.assert_allclose(info["whitening"].mean, raw.mean(axis=0), atol=1e-5)
-    assert main([*common[:-2], "--remove"]) == 0
+    # the centroids are of the whitened cohort
+    w = whitening.apply(raw, info["whitening"])
+    assert (w @ info["cohort"].centroids.T).max(axis=1).mean() > 0.5
+    assert main([*common[:-6], "--remove"]) == 0
     assert load_model(model_file)[1]["whitening"] is None
+    assert load_model(model_file)[1]["cohort"] is None
 
 
 def _test_people(root) -> set[str]:
