@@ -74,6 +74,7 @@ def model_embedder(
     precision: str = "fp32",
     all_permutations: bool = False,
     whiten: bool = True,
+    centre: bool = False,
 ) -> Embedder:
     """Embeddings of cached faces: random subset per image (or a fixed subset / rank), a random
     permutation per view, + flip; whitened as the service does when the model file carries a
@@ -82,6 +83,8 @@ def model_embedder(
     ``greyscale`` drops the colour first (as from a greyscale camera: Cb = Cr = 0).
     ``all_permutations`` embeds every view under every permutation of its subset and averages
     (what a server that reads the rank off the input can do on its own).
+    ``centre``: its scores centred with the model file's cohort (``cohort`` attribute), as
+    the service does with ``score_centring``.
     """
     model, info = _load(str(path))
     profile = profile_for(info)
@@ -139,7 +142,8 @@ def model_embedder(
             out.append(total / np.linalg.norm(total, axis=1, keepdims=True))
         return whitening_apply(np.concatenate(out), whitening)
 
-    run.cohort = info["cohort"] if whiten else None  # fitted on the whitened embeddings
+    # fitted on the whitened embeddings
+    run.cohort = info["cohort"] if whiten and centre else None
     return run
 
 
@@ -335,11 +339,12 @@ def variants(
     precision: str = "fp32",
     all_permutations: bool = False,
     whiten: bool = True,
+    centre: bool = False,
 ) -> dict[str, Embedder]:
     """The embedders to compare, by JSON name (the teacher always sees colour)."""
     out: dict[str, Embedder] = {}
     kw = {"flip": flip, "greyscale": greyscale, "precision": precision,
-          "all_permutations": all_permutations, "whiten": whiten}
+          "all_permutations": all_permutations, "whiten": whiten, "centre": centre}
     if "protected" in models:
         out["protected"] = model_embedder(models["protected"], cache, seed, **kw)
         for s in range(6):

@@ -181,7 +181,9 @@ def _tensors(d: dict) -> dict:
 
 #: meta keys that describe the scores of a model file: stale once its embeddings change
 SCORE_META_KEYS = ("threshold_far_1e-3", "threshold_far_1e-3_embedding",
-                   "threshold_calibration", "lfw_accuracy")
+                   "threshold_calibration", "lfw_accuracy", "threshold_far_1e-3_centred",
+                   "threshold_far_1e-3_embedding_centred", "threshold_calibration_centred",
+                   "lfw_accuracy_centred")
 
 
 def set_whitening(

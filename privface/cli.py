@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "setting, on)")
     p.add_argument("--no-whiten", action="store_true",
                    help="the models' raw embeddings, not whitened (privface whiten)")
+    p.add_argument("--score-centring", action=argparse.BooleanOptionalAction, default=None,
+                   help="centre the scores with the model file's cohort, as the service does "
+                   "with score_centring (default: that setting, off); with --write-threshold "
+                   "the threshold for centred scores is written")
     p.add_argument("--only", help="comma-separated variants to run (e.g. protected,teacher)")
     p.add_argument("--draws", type=int, default=1,
                    help="lfw: also the protected model's mean accuracy over N draws of the "

@@ -47,6 +47,8 @@ SERVING_PRECISIONS = (*PRECISIONS, "int8")
 RUNTIMES = ("auto", "onnx", "torch")
 #: Meta key of the model card's threshold at FAR = 1e-3, on the protected-template scale.
 THRESHOLD_META_KEY = "threshold_far_1e-3"
+#: The same with score centring (a scale of its own).
+CENTRED_THRESHOLD_META_KEY = "threshold_far_1e-3_centred"
 
 
 def model_version_of(path: str | os.PathLike[str], sha256: str | None = None) -> str:
@@ -89,16 +91,21 @@ def resolve_runtime(runtime: str, precision: str) -> str:
     return runtime
 
 
-def resolve_threshold(meta: dict, override: float) -> tuple[float, str]:
-    """The decision threshold: ``Settings.threshold`` if set, else the model card's."""
+def resolve_threshold(
+    meta: dict, override: float, centred: bool = False
+) -> tuple[float, str]:
+    """The decision threshold: ``Settings.threshold`` if set, else the model card's (the
+    one for centred scores with ``centred``)."""
     if override:
         return float(override), "settings"
-    value = meta.get(THRESHOLD_META_KEY)
+    name = CENTRED_THRESHOLD_META_KEY if centred else THRESHOLD_META_KEY
+    value = meta.get(name)
     if value is None:
         raise ValueError(
-            f"the model carries no calibrated threshold (meta[{THRESHOLD_META_KEY!r}]); set "
-            "threshold in the configuration (PRIVFACE_THRESHOLD) to the protected-template "
-            "score at the false-match rate you accept"
+            f"the model carries no calibrated threshold (meta[{name!r}]; privface eval lfw "
+            f"--write-threshold{' --score-centring' if centred else ''}); set threshold in "
+            "the configuration (PRIVFACE_THRESHOLD) to the protected-template score at the "
+            "false-match rate you accept"
         )
     return float(value), "model"
 
@@ -137,6 +144,7 @@ class Embedder:
         precision: str = "fp32",
         runtime: str = "auto",
         average_permutations: bool = True,
+        score_centring: bool = False,
     ) -> None:
         # bad settings fail before the load
         if precision not in SERVING_PRECISIONS:
@@ -155,8 +163,11 @@ class Embedder:
             raise ValueError(
                 f"{model_path} is an RGB model; the service only embeds protected inputs"
             )
+        if score_centring and info["cohort"] is None:
+            raise ValueError(f"score_centring needs a model file with a score-centring cohort "
+                             f"({model_path} has none: privface whiten fits one)")
         meta = info.get("meta") or {}
-        value, source = resolve_threshold(meta, threshold)
+        value, source = resolve_threshold(meta, threshold, score_centring)
         sha256 = file_sha256(model_path)  # once: the model version and the int8 graph's check
         self.card = ModelCard(
             path=str(model_path),
@@ -205,8 +216,9 @@ class Embedder:
         if self._whitening is not None:
             where += (f", whitened ({self._whitening.dims} directions, power "
                       f"{self._whitening.power:g})")
-        #: the score-centring cohort (enrollment.score_centring), in the whitened space
-        self.cohort = info["cohort"]
+        #: the score-centring cohort (enrollment.score_centring), in the whitened space;
+        #: None unless score_centring is on
+        self.cohort = info["cohort"] if score_centring else None
         if self.cohort is not None:
             where += (f", scores centred on {len(self.cohort.centroids)} cohort centroids "
                       f"(top {self.cohort.k})")

@@ -309,6 +309,10 @@ class GalleryEngine:
         self.index_dim = self.template_dim + (
             score_centring.EXTRA_DIMS if embedder.cohort is not None else 0)
         self._cohorts: dict[MappingKey, np.ndarray] = {}  # cohort centroids, per mapping key
+        # what the index vectors are: a snapshot or Milvus collection of another (the other
+        # scoring of the same model) is never loaded
+        self.index_version = self.card.model_version + (
+            "+centred" if embedder.cohort is not None else "")
         self._milvus_client: Any = None
         if milvus is not None:
             from pymilvus import MilvusClient
@@ -439,7 +443,7 @@ class GalleryEngine:
 
     def _collection_name(self, gallery: str, gallery_id: int, key_id: str) -> str:
         return milvus_collection_name(self.milvus.prefix, gallery, gallery_id,
-                                      self.card.model_version, key_id)
+                                      self.index_version, key_id)
 
     def _open_collection(self, gallery: str, gallery_id: int, key_id: str) -> MilvusGalleryIndex:
         """The collection of (gallery incarnation, model, key version), created if new."""
@@ -609,9 +613,9 @@ class GalleryEngine:
         except GalleryNotFound:
             remove_snapshot(self.snapshot_dir, state.name)  # deleted by another replica
             raise
-        if snap.gallery_id != info.id or snap.model_version != self.card.model_version:
-            log.info("gallery %s: index snapshot is of an older gallery or model; not used",
-                     state.name)
+        if snap.gallery_id != info.id or snap.model_version != self.index_version:
+            log.info("gallery %s: index snapshot is of an older gallery, model or scoring; "
+                     "not used", state.name)
             return False
         try:
             indexes = {
@@ -653,7 +657,7 @@ class GalleryEngine:
                 cursor, gallery_id = state.cursor, state.gallery_id
             write_snapshot(
                 self.snapshot_dir, self.keys.get(), gallery=state.name, gallery_id=gallery_id,
-                cursor=cursor, model_version=self.card.model_version, payloads=payloads,
+                cursor=cursor, model_version=self.index_version, payloads=payloads,
             )
             state.saved_cursor = cursor
             written += 1
@@ -1179,7 +1183,7 @@ class GalleryEngine:
             return self.card.threshold
         if not np.isfinite(threshold) or not -1.0 <= threshold <= 1.0:
             raise ServiceError(
-                "INVALID_ARGUMENT", f"threshold {threshold} must be a cosine score in [-1, 1]",
+                "INVALID_ARGUMENT", f"threshold {threshold} must be a score in [-1, 1]",
                 "threshold",
             )
         return float(threshold)

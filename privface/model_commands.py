@@ -128,9 +128,11 @@ def cmd_eval(args) -> int:
     cache = ev.lfw_cache(data / "lfw", args.cache_dir or settings.cache_dir)
     averaged = (settings.average_permutations if args.average_permutations is None
                 else args.average_permutations)
+    centred = settings.score_centring if args.score_centring is None else args.score_centring
     embedders = ev.variants(
         _models(args), cache, args.seed, flip=not args.no_flip, greyscale=args.greyscale,
         precision=args.precision, all_permutations=averaged, whiten=not args.no_whiten,
+        centre=centred,
     )
     if args.only:
         wanted = set(args.only.split(","))
@@ -163,7 +165,7 @@ def cmd_eval(args) -> int:
                 [args.seed + k for k in range(args.draws)],
                 known={args.seed: results["protected"]["accuracy"]}, flip=not args.no_flip,
                 greyscale=args.greyscale, precision=args.precision, all_permutations=averaged,
-                whiten=not args.no_whiten,
+                whiten=not args.no_whiten, centre=centred,
             )
             summary["protected_rank_draws"] = draws
             print(f"protected over {args.draws} rank draws: {draws['mean'] * 100:.2f}% "
@@ -206,30 +208,37 @@ def cmd_eval(args) -> int:
         **({"summary": summary} if summary else {}),
         "settings": {"flip": not args.no_flip, "seed": args.seed, "models": _models(args),
                      "greyscale": args.greyscale, "precision": args.precision,
-                     "average_permutations": averaged, "whiten": not args.no_whiten},
+                     "average_permutations": averaged, "whiten": not args.no_whiten,
+                     "score_centring": centred},
     }
     if args.json:
         ev.write_json(args.json, out)
     if args.write_threshold and args.protocol == "lfw":
         from enrollment.model_io import update_meta
 
+        if centred and ev.cohort_of(embedders["protected"]) is None:
+            raise ValueError("--score-centring: the model file has no score-centring cohort "
+                             "(privface whiten fits one)")
         calib = ev.impostor_threshold(embedders["protected"], cache, pairs_txt, 1e-3)
+        tag = "_centred" if centred else ""  # each scale its own threshold
         update_meta(
             _models(args)["protected"],
             **{
-                "threshold_far_1e-3": calib["threshold_template"],
-                "threshold_far_1e-3_embedding": calib["threshold_embedding"],
-                "threshold_calibration": f"{calib['impostor_pairs']} random different-identity "
-                "pairs of LFW folds 6-10 images, random subset per image (shared by its "
-                "mirror), flip TTA" + (", each view averaged over the permutations of its "
-                                       "subset" if averaged else ""),
-                "lfw_accuracy": results["protected"]["accuracy"],
+                f"threshold_far_1e-3{tag}": calib["threshold_template"],
+                f"threshold_far_1e-3_embedding{tag}": calib["threshold_embedding"],
+                f"threshold_calibration{tag}": f"{calib['impostor_pairs']} random "
+                "different-identity pairs of LFW folds 6-10 images, random subset per image "
+                "(shared by its mirror), flip TTA" + (
+                    ", each view averaged over the permutations of its subset" if averaged
+                    else "") + (", scores centred" if centred else ""),
+                f"lfw_accuracy{tag}": results["protected"]["accuracy"],
             },
         )
         out["calibration"] = calib
         if args.json:
             ev.write_json(args.json, out)
-        print(f"model thresholds at FAR 1e-3: template {calib['threshold_template']:.4f}, "
+        print(f"model thresholds at FAR 1e-3{' (centred scores)' if centred else ''}: "
+              f"template {calib['threshold_template']:.4f}, "
               f"embedding {calib['threshold_embedding']:.4f}")
     return 0
 

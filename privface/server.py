@@ -186,7 +186,8 @@ def build_server(settings: Settings, *, warm_up: bool = True) -> RunningServer:
     embedder = Embedder(settings.model_path or None, threads=settings.torch_threads,
                         threshold=settings.threshold, precision=settings.model_precision,
                         runtime=settings.model_runtime,
-                        average_permutations=settings.average_permutations)
+                        average_permutations=settings.average_permutations,
+                        score_centring=settings.score_centring)
     set_search_threads(settings.index_threads)
     url, embedded = database_url(settings)
     try:

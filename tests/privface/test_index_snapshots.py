@@ -145,6 +145,45 @@ def test_restart_loads_snapshot_and_replays_changes_made_meanwhile(servers, att_
     assert not files[0].exists()
 
 
+def test_a_snapshot_of_the_other_scoring_is_not_loaded(servers, service_model, att_inputs,
+                                                       caplog):
+    """score_centring changes what the index stores (two more coordinates per template), not
+    the model version: a restart that switches it rebuilds from PostgreSQL, and both ways
+    answer with their own scores."""
+    from enrollment.model_io import load_model
+
+    if load_model(service_model.path)[1]["cohort"] is None:
+        pytest.skip("the model carries no score-centring cohort")
+    g = "scoring-switch"
+    probes = [att_inputs[(s, 9)] for s in range(1, 4)]
+    a = servers()
+    with a.client("admin") as c:
+        c.create_gallery(g)
+        for s in range(1, 4):
+            c.enroll(g, f"s{s}", [att_inputs[(s, 1)]])
+        plain = _answers(c, g, probes)
+    a.running.stop(0)  # writes the snapshot
+    caplog.set_level(logging.INFO, logger="privface.gallery")
+    b = servers(score_centring=True)
+    assert any("snapshot is of an older gallery, model or scoring" in r.getMessage()
+               for r in caplog.records)
+    with b.client("admin") as c:
+        centred = _answers(c, g, probes)
+        verified = c.verify(g, "s1", probes[0]).score
+    b.running.stop(0)
+    assert centred[0][0][2] == pytest.approx(verified, abs=1e-5)
+    # the same subjects, scored on another scale (centred: the cosine less the cohort means)
+    for rc, rp in zip(centred, plain, strict=True):
+        by_subject = {x[0]: x[2] for x in rp}
+        assert all(abs(score - by_subject[sid]) > 0.05 for sid, _, score in rc)
+    caplog.clear()
+    a2 = servers()  # and back: the centred snapshot is not loaded either
+    assert any("snapshot is of an older gallery, model or scoring" in r.getMessage()
+               for r in caplog.records)
+    with a2.client("admin") as c:
+        assert _answers(c, g, probes) == plain
+
+
 def test_service_calibrates_approximate_indexes(caplog):
     from privface.gallery_service import _calibrate
 

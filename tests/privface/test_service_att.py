@@ -92,32 +92,56 @@ def test_att_not_enrolled_answered_no_match(real_model, service, att_inputs, cap
     assert no_match > 0.5, figures
 
 
-def test_identify_and_verify_score_alike_centred(real_model, service, att_inputs):
-    """Identify (through the index's longer vectors) and verify (from the stored templates)
-    give one score: the templates' cosine less half of either side's cohort mean, the
-    cohort mapped under the gallery's template key (enrollment.score_centring)."""
+@pytest.fixture(scope="module")
+def centred_service(real_model, tmp_path_factory, service_db):
+    """A second server on the same database with score_centring on (the shipped model's
+    cohort and its threshold for centred scores)."""
+    from enrollment.model_io import load_model
+    from privface.server import build_server
+    from tests.privface.conftest import ServiceHandle, service_settings, write_keys, write_tokens
+
+    if load_model(real_model.path)[1]["cohort"] is None:
+        pytest.skip("the shipped model carries no score-centring cohort")
+    root = tmp_path_factory.mktemp("centred-service")
+    tokens = write_tokens(root / "tokens.json")
+    write_keys(root / "keyring.json")
+    settings = service_settings(root, service_db, real_model, score_centring=True)
+    running = build_server(settings)
+    yield ServiceHandle(running, tokens, settings)
+    running.stop(0)
+
+
+def test_identify_and_verify_score_alike_centred(centred_service, att_inputs):
+    """With score_centring, identify (through the index's longer vectors) and verify (from
+    the stored templates) give one score: the templates' cosine less half of either side's
+    cohort mean, the cohort mapped under the gallery's template key
+    (enrollment.score_centring)."""
     import numpy as np
 
     from enrollment import score_centring
     from enrollment.identity_mapping import protect
     from privface.keys import mapping_key
 
-    engine = service.engine
+    engine = centred_service.engine
     cohort = engine.embedder.cohort
-    if cohort is None:
-        pytest.skip("the shipped model centres no scores")
     g = "att-centring"
-    with service.client("admin") as c:
+    with centred_service.client("admin") as c:
         c.create_gallery(g)
         for s in (1, 2, 3):
             c.enroll(g, f"s{s}", [att_inputs[(s, 1)]])
         probe = att_inputs[(1, 2)]
         found = c.identify(g, probe, top_k=3)
         checked = {s: c.verify(g, f"s{s}", probe).score for s in (1, 2, 3)}
-        key_id = c.server_info().template_key_id
+        info = c.server_info()
+    assert info.model_runtime.endswith(", whitened, score-centred")
+    from enrollment.model_io import load_model
+
+    meta = load_model(engine.card.path)[1]["meta"]
+    assert info.threshold_source == "model"  # the file's threshold for centred scores
+    assert info.default_threshold == pytest.approx(meta["threshold_far_1e-3_centred"])
     assert {x.subject_id: x.score for x in found.candidates} == pytest.approx(
         {f"s{s}": v for s, v in checked.items()}, abs=1e-5)
-    key = mapping_key(engine.keys.get(), g, key_id, **engine.card.mapping)
+    key = mapping_key(engine.keys.get(), g, info.template_key_id, **engine.card.mapping)
     centroids = protect(cohort.centroids, key)
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
     q = engine.template_of(g, probe)

@@ -113,11 +113,11 @@ def test_server_info_says_who_calls(service, service_model):
     assert info.principal == "team-a-app" and sorted(info.roles) == ["enroll", "identify"]
     assert info.profile == "partialface-paper" and info.template_key_id == "tmap-1"
     assert info.default_threshold != 0 and info.threshold_source in ("model", "settings")
-    _, model_info = load_model(service_model.path)
-    whitened, centred = (model_info[k] is not None for k in ("whitening", "cohort"))
-    # the default settings, and whether the model file carries a whitening and a cohort
+    whitened = load_model(service_model.path)[1]["whitening"] is not None
+    # the default settings (no score centring), and whether the model file carries a
+    # whitening
     assert info.model_runtime == "onnx fp32, permutation-averaged" + (
-        ", whitened" if whitened else "") + (", score-centred" if centred else "")
+        ", whitened" if whitened else "")
 
 
 def test_health_and_reflection_need_no_token(service):

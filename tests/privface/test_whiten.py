@@ -46,9 +46,13 @@ def test_set_whitening_stores_it_and_drops_the_stale_threshold(model_file):
     assert meta["score_centring"] == {"centroids": 20, "k": 3, "images": 200}
     stored = load_model(model_file)[1]["cohort"]
     np.testing.assert_allclose(stored.centroids, cohort.centroids, atol=2e-3)
+    with pytest.raises(ValueError, match="threshold_far_1e-3_centred"):
+        Embedder(model_file, threads=1, score_centring=True)  # no centred threshold yet
     set_whitening(model_file, None)
     assert load_model(model_file)[1]["whitening"] is None
     assert load_model(model_file)[1]["cohort"] is None
+    with pytest.raises(ValueError, match="score-centring cohort"):
+        Embedder(model_file, threads=1, threshold=0.5, score_centring=True)
 
 
 def test_the_service_and_the_evaluation_whiten_alike(model_file, aligned_faces, tmp_path):
@@ -79,11 +83,15 @@ def test_the_service_and_the_evaluation_centre_scores_alike(model_file, small_lf
     fitted = whitening.fit(cohort, 8, 0.5)
     centring = score_centring.fit(whitening.apply(cohort, fitted), n_centroids=30, k=4)
     set_whitening(model_file, fitted, centring)
-    served = Embedder(model_file, threads=1, runtime="torch", threshold=0.5)
+    assert Embedder(model_file, threads=1, runtime="torch", threshold=0.5).cohort is None
+    served = Embedder(model_file, threads=1, runtime="torch", threshold=0.5,
+                      score_centring=True)
     assert served.cohort.k == 4 and len(served.cohort.centroids) == 30
-    embedder = ev.model_embedder(model_file, cache, 0)
+    embedder = ev.model_embedder(model_file, cache, 0, centre=True)
     assert ev.cohort_of(embedder) is not None
-    assert ev.cohort_of(ev.model_embedder(model_file, cache, 0, whiten=False)) is None
+    assert ev.cohort_of(ev.model_embedder(model_file, cache, 0)) is None  # off by default
+    assert ev.cohort_of(ev.model_embedder(model_file, cache, 0, whiten=False, centre=True)) \
+        is None
     e = embedder(np.arange(6))
     s = ev.pair_scores(e[:3], e[3:], ev.cohort_of(embedder))
     m = score_centring.cohort_means(e, served.cohort.centroids, 4)
