@@ -15,7 +15,9 @@ people of LFW folds 6-10:
   templates (one gallery key), and the false-match rate at the threshold the model file
   carries.
 
-The model runs under ONNX Runtime fp32 (BatchNorm folded; the service's default runtime).
+The model runs under ONNX Runtime fp32 (BatchNorm folded; the service's default runtime);
+scores are cosines, or with ``--score-centring`` centred with the model file's cohort
+against the file's threshold for centred scores, as the service's ``score_centring`` does.
 
     python bench/permutation_averaging.py --seeds 0,1 \
         --json bench/results/permutation-averaging.json
@@ -139,12 +141,17 @@ def measure(e: np.ndarray, cache, idx, pairs, split, shipped: float, seed: int,
 def main() -> None:
     ap = _lfw.parser(__doc__)
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--score-centring", action="store_true",
+                    help="centre the scores with the model file's cohort (the service's "
+                         "score_centring; default off, as there)")
     ap.add_argument("--fixed-subsets", action="store_true",
                     help="instead: LFW verification with every image under one subset, per "
                          "subset (the spread), seed = the first of --seeds")
     args = ap.parse_args()
     pairs_txt, cache, model, info, profile = _lfw.load(args)
-    shipped = float((info.get("meta") or {})["threshold_far_1e-3"])
+    cohort = info["cohort"] if args.score_centring else None
+    meta = info.get("meta") or {}
+    shipped = float(meta["threshold_far_1e-3_centred" if cohort else "threshold_far_1e-3"])
     graph = onnx_runtime.OnnxModel.of(model, args.threads)
     split = ev.identification_split(cache, pairs_txt)
     idx = np.unique(np.concatenate([split["gallery"], split["probes"]]))
@@ -152,13 +159,13 @@ def main() -> None:
     out = {"model": args.model, "images": int(len(idx)), "shipped_threshold": shipped,
            "threads": args.threads, "date": time.strftime("%Y-%m-%d %H:%M"), "seeds": {}}
     if args.fixed_subsets:
-        fixed_subsets(args, graph, profile, cache, pairs, out, info["whitening"], info["cohort"])
+        fixed_subsets(args, graph, profile, cache, pairs, out, info["whitening"], cohort)
         return
     for seed in (int(s) for s in args.seeds.split(",")):
         start = time.perf_counter()
         e = embeddings(graph, profile, cache, idx, seed, whiten=info["whitening"])
         out["seeds"][str(seed)] = {
-            mode: measure(e[mode], cache, idx, pairs, split, shipped, seed, info["cohort"])
+            mode: measure(e[mode], cache, idx, pairs, split, shipped, seed, cohort)
             for mode in MODES
         }
         out["seeds"][str(seed)]["seconds"] = time.perf_counter() - start
