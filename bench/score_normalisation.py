@@ -91,16 +91,13 @@ def main() -> int:
         return {"accuracy": cross_validated_accuracy(s, same, folds)[0],
                 "tar_at_far_1e-3": tar_at_far(s, same, 1e-3)[0]}
 
-    def unit(x: np.ndarray) -> np.ndarray:
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
-
     def mapped(e: np.ndarray, cohort: score_centring.Cohort | None = None) -> float:
         accs = []
         for key in keys:
-            t = unit(im.protect(e.astype(np.float32), key).astype(np.float64))
+            t = score_centring.unit(im.protect(e.astype(np.float32), key).astype(np.float64))
             s = np.sum(t[a] * t[b], 1)
             if cohort is not None:  # the cohort under the same key, as the service does
-                m = score_centring.cohort_means(t, unit(im.protect(cohort.centroids, key)),
+                m = score_centring.cohort_means(t, score_centring.centroids_under(cohort, key),
                                                 cohort.k)
                 s = score_centring.centre(s, m[a], m[b])
             accs.append(cross_validated_accuracy(s, same, folds)[0])

@@ -28,7 +28,7 @@ from enrollment.metrics import (
     threshold_at_far,
 )
 from enrollment.model_io import embed, load_model, model_inputs, profile_for, served_inputs
-from enrollment.score_centring import Cohort
+from enrollment.score_centring import Cohort, unit
 from enrollment.whitening import apply as whitening_apply
 
 # image indices -> unit embeddings; a model's embedder carries the model file's score-centring
@@ -40,10 +40,6 @@ def cohort_of(embedder: Embedder) -> Cohort | None:
     return getattr(embedder, "cohort", None)
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def cohort_means(
     x: np.ndarray, cohort: Cohort | None, key: im.MappingKey | None = None
 ) -> np.ndarray:
@@ -51,7 +47,7 @@ def cohort_means(
     service centres scores with them; 0 without a cohort."""
     if cohort is None:
         return np.zeros(len(x))
-    centroids = cohort.centroids if key is None else _unit(im.protect(cohort.centroids, key))
+    centroids = cohort.centroids if key is None else score_centring.centroids_under(cohort, key)
     return score_centring.cohort_means(x, centroids, cohort.k)
 
 
@@ -188,21 +184,22 @@ def mapped_pair_scores(
 
     if mode == "gallery":
         k = key("gallery:eval:v1")
-        ta, tb = _unit(im.protect(ea, k)), _unit(im.protect(eb, k))
+        ta, tb = unit(im.protect(ea, k)), unit(im.protect(eb, k))
         s = np.sum(ta * tb, axis=1)
         if cohort is None:
             return s
-        return score_centring.centre(s, cohort_means(ta, cohort, k), cohort_means(tb, cohort, k))
+        m = cohort_means(np.concatenate([ta, tb]), cohort, k)  # one mapping of the cohort
+        return score_centring.centre(s, m[: len(ta)], m[len(ta) :])
 
     @cache
-    def centroids(context: str) -> np.ndarray:
-        return _unit(im.protect(cohort.centroids, key(context)))
+    def centroids(context: str) -> np.ndarray:  # each subject's key: once, not per pair
+        return score_centring.centroids_under(cohort, key(context))
 
     scores = np.empty(len(ea))
     for i, (a, b) in enumerate(zip(names_a, names_b, strict=True)):
         ca = f"subject:{a}:v1"
         cb = ca if mode == "stolen" else f"subject:{b}:v1"
-        ta, tb = _unit(im.protect(ea[i], key(ca))), _unit(im.protect(eb[i], key(cb)))
+        ta, tb = unit(im.protect(ea[i], key(ca))), unit(im.protect(eb[i], key(cb)))
         scores[i] = np.sum(ta * tb)
         if cohort is not None:
             # each side's mean under the key its template was made with
@@ -264,7 +261,7 @@ def impostor_threshold(
     e = embedder(idx)
     cohort = cohort_of(embedder)
     key = im.derive_key(MAPPING_SECRET, "gallery:eval:v1")
-    t = _unit(im.protect(e, key))
+    t = unit(im.protect(e, key))
     me, mt = cohort_means(e, cohort), cohort_means(t, cohort, key)
     rng = np.random.default_rng(seed)
     a, b = rng.integers(0, len(idx), (2, n_pairs))

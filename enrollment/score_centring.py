@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from enrollment.identity_mapping import MappingKey, protect
+
 #: extra coordinates of a centred index vector
 EXTRA_DIMS = 2
 #: a centred index score times this, less the query's half, is the centred score
@@ -51,11 +53,18 @@ class Cohort:
 
     @classmethod
     def from_dict(cls, d: dict) -> Cohort:
-        return cls(_unit(np.asarray(d["centroids"], np.float32)), int(d["k"]), int(d["images"]))
+        return cls(unit(np.asarray(d["centroids"], np.float32)), int(d["k"]), int(d["images"]))
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
+def unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def centroids_under(cohort: Cohort, key: MappingKey) -> np.ndarray:
+    """The cohort's centroids as unit protected templates under ``key``: what the means of
+    templates made with that key are taken against (callers cache it per key)."""
+    return unit(protect(cohort.centroids, key))
 
 
 def fit(embeddings: np.ndarray, n_centroids: int = 1000, k: int = 20, seed: int = 0,
@@ -63,14 +72,14 @@ def fit(embeddings: np.ndarray, n_centroids: int = 1000, k: int = 20, seed: int 
     """Spherical k-means centroids of a cohort's unit embeddings (n, d), n >= 2 x centroids."""
     import faiss
 
-    e = np.ascontiguousarray(_unit(np.asarray(embeddings, np.float32)))
+    e = np.ascontiguousarray(unit(np.asarray(embeddings, np.float32)))
     if len(e) < 2 * n_centroids:
         raise ValueError(f"{len(e)} embeddings are too few for {n_centroids} centroids "
                          "(at least two faces per centroid)")
     km = faiss.Kmeans(e.shape[1], n_centroids, niter=iterations, seed=seed, spherical=True,
                       verbose=False, min_points_per_centroid=1)
     km.train(e)
-    return Cohort(_unit(km.centroids.astype(np.float32)), k, len(e))
+    return Cohort(unit(km.centroids.astype(np.float32)), k, len(e))
 
 
 def cohort_means(x: np.ndarray, centroids: np.ndarray, k: int) -> np.ndarray:

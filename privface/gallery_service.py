@@ -348,7 +348,7 @@ class GalleryEngine:
             return np.zeros(len(templates))
         centroids = self._cohorts.get(key)
         if centroids is None:
-            centroids = self._cohorts[key] = _unit(protect(cohort.centroids, key))
+            centroids = self._cohorts[key] = score_centring.centroids_under(cohort, key)
         return score_centring.cohort_means(templates, centroids, cohort.k)
 
     def current_template_key_id(self) -> str:
@@ -683,7 +683,7 @@ class GalleryEngine:
         """Index templates made with ``key``: with score centring, their index vectors."""
         if not records:
             return
-        x = _unit(np.stack([r.template for r in records]))
+        x = np.stack([r.template for r in records])  # unit, as _protect made them
         if self.embedder.cohort is not None:
             x = score_centring.index_vectors(x, self._cohort_means(key, x))
         index.add(x, [r.sample_id for r in records], [r.subject_id for r in records], seq=seq)

@@ -100,14 +100,18 @@ def _answers(client, gallery, probes):
              for c in client.identify(gallery, p, top_k=5).candidates] for p in probes]
 
 
+def _stock(client, gallery, att_inputs, subjects, images) -> None:
+    client.create_gallery(gallery)
+    for s in subjects:
+        client.enroll(gallery, f"s{s}", [att_inputs[(s, i)] for i in images])
+
+
 def test_restart_loads_snapshot_and_replays_changes_made_meanwhile(servers, att_inputs, caplog):
     g = "snapshots"
     probes = [att_inputs[(s, 9)] for s in range(1, 8)]
     a = servers()
     with a.client("admin") as c:
-        c.create_gallery(g)
-        for s in range(1, 7):
-            c.enroll(g, f"s{s}", [att_inputs[(s, i)] for i in (1, 2)])
+        _stock(c, g, att_inputs, range(1, 7), (1, 2))
     a.running.stop(0)  # writes the snapshot
     files = list((Path(a.settings.data_dir) / "snapshots").glob("*.pfsnap"))
     assert len(files) == 1
@@ -158,9 +162,7 @@ def test_a_snapshot_of_the_other_scoring_is_not_loaded(servers, service_model, a
     probes = [att_inputs[(s, 9)] for s in range(1, 4)]
     a = servers()
     with a.client("admin") as c:
-        c.create_gallery(g)
-        for s in range(1, 4):
-            c.enroll(g, f"s{s}", [att_inputs[(s, 1)]])
+        _stock(c, g, att_inputs, range(1, 4), (1,))
         plain = _answers(c, g, probes)
     a.running.stop(0)  # writes the snapshot
     caplog.set_level(logging.INFO, logger="privface.gallery")
