@@ -74,8 +74,8 @@ class Settings:
     #: centre every score with the model file's cohort (enrollment.score_centring: the
     #: cosine less half of either side's mean top-k cosine against training-split faces):
     #: on LFW +0.8 points and twice the TAR at FAR 1e-3, but the threshold it is calibrated
-    #: with moves with the population (on AT&T the LFW threshold passes 4e-2 of strangers'
-    #: pairs instead of 1.3e-3): turn it on only with a threshold calibrated on the
+    #: with moves with the population (on AT&T the LFW threshold passes 3.2e-2 of strangers'
+    #: pairs instead of 2.3e-3): turn it on only with a threshold calibrated on the
     #: deployment's own people (model card, "Cohort score centring")
     score_centring: bool = False
     #: FAISS (OpenMP) threads per single search; 1 is fastest under concurrent load
