@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", help="comma-separated variants to run (e.g. protected,teacher)")
     p.add_argument("--draws", type=int, default=1,
                    help="lfw: also the protected model's mean accuracy over N draws of the "
-                   "random ranks (seeds SEED..SEED+N-1)")
+                   "random ranks (seeds SEED..SEED+N-1), and each fixed subset's, with the "
+                   "spread of those means")
     p.add_argument("--write-threshold", action="store_true",
                    help="store the FAR 1e-3 thresholds in the protected model's file")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto", "int8"], default="fp32",
@@ -252,6 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--config")
     p.set_defaults(func="privface.service_commands:cmd_keys")
+
+    p = sub.add_parser("calibrate", help="a gallery's own decision threshold from its "
+                       "enrolled samples (operator command: reads the database directly)")
+    p.add_argument("gallery")
+    p.add_argument("--far", type=float, default=1e-3,
+                   help="false-match rate to calibrate for (default 1e-3; needs 10 / FAR "
+                   "impostor pairs, i.e. samples of different subjects)")
+    p.add_argument("--max-pairs", type=int, default=2_000_000,
+                   help="impostor pairs scored at most (a random sample beyond)")
+    p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--config")
+    p.set_defaults(func="privface.service_commands:cmd_calibrate")
 
     p = sub.add_parser("tokens", help="add a client token (printed once, stored hashed)")
     p.add_argument("action", choices=["add"])

@@ -76,7 +76,7 @@ class Settings:
     #: on LFW +0.8 points and twice the TAR at FAR 1e-3, but the threshold it is calibrated
     #: with moves with the population (on AT&T the LFW threshold passes 3.2e-2 of strangers'
     #: pairs instead of 2.3e-3): turn it on only with a threshold calibrated on the
-    #: deployment's own people (model card, "Cohort score centring")
+    #: deployment's own people (``privface calibrate``; model card, "Cohort score centring")
     score_centring: bool = False
     #: FAISS (OpenMP) threads per single search; 1 is fastest under concurrent load
     #: (parallelism comes from the gRPC workers); 0 = OpenMP's default (all cores). Index

@@ -69,6 +69,7 @@ from privface.index_snapshots import (
     write_snapshot,
 )
 from privface.keys import KeyRingSource, mapping_key, template_key_ids
+from privface.threshold_calibration import Calibration, Group, calibrate
 from storage import repository as repo
 from storage.errors import GalleryNotFound, StaleCursor, StorageError
 from storage.records import (
@@ -1296,3 +1297,26 @@ class GalleryEngine:
             return VerifyResult(matched, best_score, limit, best_id, self.card.model_version)
 
         return self._guard(principal, "verify", gallery, [subject_id], work)
+
+    def calibrate_threshold(
+        self, gallery: str, far: float = 1e-3, max_pairs: int = 2_000_000
+    ) -> Calibration:
+        """The gallery's own threshold at ``far`` from its enrolled samples, scored as
+        identify and verify score them (privface.threshold_calibration); an operator's
+        command, not an RPC: the scores of every pair say more about the gallery than any
+        one client may learn."""
+        records: dict[str, list[TemplateRecord]] = {}
+        with self._sessions() as s:
+            for chunk in repo.iter_gallery_templates(s, self.keys.get(), gallery,
+                                                     model_version=self.card.model_version):
+                for r in chunk:
+                    records.setdefault(r.template_key_id, []).append(r)
+        groups = []
+        for key_id, rs in records.items():
+            key = self._key(gallery, key_id)
+            if key is None:  # a retired template key: those templates are not scored either
+                continue
+            t = _unit(np.stack([r.template for r in rs]))
+            groups.append(Group(t, np.array([r.subject_id for r in rs]),
+                                self._cohort_means(key, t)))
+        return calibrate(groups, far, self._threshold(None), max_pairs)

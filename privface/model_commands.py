@@ -170,6 +170,20 @@ def cmd_eval(args) -> int:
             summary["protected_rank_draws"] = draws
             print(f"protected over {args.draws} rank draws: {draws['mean'] * 100:.2f}% "
                   f"(draw-to-draw std {draws['std'] * 100:.2f})")
+        if args.draws > 1 and spread:
+            subsets = [s for s in range(6) if f"subset_{s}" in results]
+            balance = ev.subset_draws(
+                _models(args)["protected"], cache, pairs_txt, subsets,
+                [args.seed + k for k in range(args.draws)],
+                known={s: {args.seed: results[f"subset_{s}"]["accuracy"]} for s in subsets},
+                flip=not args.no_flip, greyscale=args.greyscale, precision=args.precision,
+                all_permutations=averaged, whiten=not args.no_whiten, centre=centred,
+            )
+            summary["subset_draws"] = balance["subsets"]
+            summary["subset_spread_over_draws"] = balance["spread"]
+            print(f"subsets over {args.draws} draws: "
+                  + " / ".join(f"{d['mean'] * 100:.2f}" for d in balance["subsets"].values())
+                  + f"; spread {balance['spread'] * 100:.2f} points")
         if args.plot:
             _plot(
                 args.plot,

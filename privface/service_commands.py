@@ -469,6 +469,59 @@ def _database(settings: Settings):
     return make_session_factory(engine), engine, embedded
 
 
+def cmd_calibrate(args: Any) -> int:
+    """A gallery's threshold at --far from its own samples, scored as the configured server
+    scores them (model, score_centring, key ring); prints the line for the config file."""
+    from privface.embedding import Embedder
+    from privface.gallery_service import GalleryEngine
+    from privface.keys import resolve_keyring
+    from storage.errors import GalleryNotFound
+
+    settings = _settings(args)
+    embedder = Embedder(settings.model_path or None, threads=settings.torch_threads,
+                        threshold=settings.threshold, precision=settings.model_precision,
+                        runtime=settings.model_runtime,
+                        average_permutations=settings.average_permutations,
+                        score_centring=settings.score_centring)
+    keys = resolve_keyring(settings.key_file, settings.data_dir, create_quickstart=False)
+    sessions, db, embedded = _database(settings)
+    try:
+        engine = GalleryEngine(sessions, keys, embedder)
+        result = engine.calibrate_threshold(args.gallery, args.far, args.max_pairs)
+    except GalleryNotFound:
+        print(f"gallery {args.gallery!r} does not exist", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()
+        if embedded is not None:
+            embedded.stop()
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
+    scoring = "centred" if settings.score_centring else "plain"
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x * 100:.1f}%"
+
+    print(f"gallery {args.gallery}: {result.samples} samples of {result.subjects} subjects "
+          f"({embedder.card.model_version}, {scoring} scores); {result.impostor_pairs} "
+          f"impostor pairs{' (sampled)' if result.sampled else ''}, {result.genuine_pairs} "
+          "genuine pairs")
+    fmr = result.false_match_rate_at_current
+    print(f"threshold in force {result.current_threshold:.4f}: false-match rate "
+          f"{'-' if fmr is None else f'{fmr:.2e}'}, genuine pairs accepted "
+          f"{pct(result.true_match_rate_at_current)}")
+    if result.threshold is None:
+        print(f"too few impostor pairs for FAR {args.far:g}: {result.impostor_pairs} of the "
+              f"{result.min_impostor_pairs} needed (enrol more people, or calibrate a "
+              "larger gallery of the same cameras)", file=sys.stderr)
+        return 1
+    print(f"threshold at FAR {args.far:g}: {result.threshold:.4f} (genuine pairs accepted "
+          f"{pct(result.true_match_rate)})")
+    print(f"to use it: threshold = {result.threshold:.4f}   (config file, or "
+          f"PRIVFACE_THRESHOLD; a request's own threshold still overrides it)")
+    return 0
+
+
 def cmd_keys(args: Any) -> int:
     """Key ring: init, status, rotate (online re-encryption), new-template-key."""
     from privface import keys

@@ -155,6 +155,13 @@ def test_evaluation_on_a_handful_of_pairs(tiny_run, tmp_path):
     first = ev.verification(ev.model_embedder(model, cache, 0), cache, str(pairs))["accuracy"]
     assert draws["accuracy"][0] == first  # seed 0 is the plain protected variant
     assert ev.rank_draws(model, cache, str(pairs), [0, 1], known={0: 0.5})["accuracy"][0] == 0.5
+    balance = ev.subset_draws(model, cache, str(pairs), [1, 4], [0, 1], known={4: {0: 0.5}})
+    assert list(balance["subsets"]) == ["subset_1", "subset_4"]
+    one = ev.verification(ev.model_embedder(model, cache, 1, subset=1), cache, str(pairs))
+    assert balance["subsets"]["subset_1"]["accuracy"][1] == one["accuracy"]  # seed 1, subset 1
+    assert balance["subsets"]["subset_4"]["accuracy"][0] == 0.5  # known, not measured again
+    means = [d["mean"] for d in balance["subsets"].values()]
+    assert balance["spread"] == pytest.approx(max(means) - min(means))
 
 
 def test_precision_choice():
