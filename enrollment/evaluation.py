@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from enrollment import identity_mapping as im
 from enrollment import onnx_runtime, partialface, score_centring
@@ -380,6 +381,31 @@ def rank_draws(
            for s in seeds]
     return {"seeds": list(seeds), "accuracy": acc, "mean": float(np.mean(acc)),
             "std": float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0}
+
+
+def subset_draws(
+    path: str | os.PathLike,
+    cache: FaceCache,
+    pairs_txt: str,
+    subsets: list[int],
+    seeds: list[int],
+    known: dict[int, dict[int, float]] | None = None,
+    **kw,
+) -> dict:
+    """Each fixed subset's LFW accuracy over several draws (of its permutations), and the
+    spread of those means across the subsets.
+
+    One draw moves a subset's accuracy by a few tenths of a point and the spread, the gap
+    between the best and the worst of six such figures, by more (0.8 points between two
+    draws of one model, docs/model-card.md): the spread of the means is the figure two
+    models' balance can be compared on. ``known``: accuracies already measured, by subset
+    and seed.
+    """
+    known = known or {}
+    per = {f"subset_{s}": rank_draws(path, cache, pairs_txt, seeds, known.get(s), subset=s, **kw)
+           for s in tqdm(subsets, desc="subset draws", unit="subset")}
+    means = [d["mean"] for d in per.values()]
+    return {"subsets": per, "spread": float(max(means) - min(means))}
 
 
 def write_json(path: str | os.PathLike, obj: dict) -> None:
