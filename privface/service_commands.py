@@ -477,6 +477,8 @@ def cmd_calibrate(args: Any) -> int:
     from privface.keys import resolve_keyring
     from storage.errors import GalleryNotFound
 
+    if not 0 < args.far < 1:
+        raise SystemExit(f"--far must be in (0, 1), not {args.far}")
     settings = _settings(args)
     embedder = Embedder(settings.model_path or None, threads=settings.torch_threads,
                         threshold=settings.threshold, precision=settings.model_precision,

@@ -126,3 +126,5 @@ def test_calibrate_command_on_a_served_gallery(service, att_inputs, tmp_path, ca
     assert main(["calibrate", g, "--far", "1e-4", "--config", str(cfg)]) == 1
     assert "too few impostor pairs" in capsys.readouterr().err
     assert main(["calibrate", "no-such-gallery", "--config", str(cfg)]) == 1
+    with pytest.raises(SystemExit, match="far"):
+        main(["calibrate", g, "--far", "0", "--config", str(cfg)])
