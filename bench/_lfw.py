@@ -7,9 +7,11 @@ import argparse
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from enrollment import evaluation as ev
+from enrollment.lfw_protocol import held_out_pairs
 from enrollment.model_io import DEFAULT_MODEL, load_model, profile_for
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -24,6 +26,15 @@ def parser(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
     return ap
+
+
+def pair_arrays(pairs_txt: str, cache) -> tuple[np.ndarray, ...]:
+    """The protocol's pairs of folds 6-10 as arrays: (cache index a, cache index b, same
+    person, fold)."""
+    pairs = held_out_pairs(pairs_txt)
+    where = cache.index()
+    return (np.array([where[p.path_a] for p in pairs]), np.array([where[p.path_b] for p in pairs]),
+            np.array([p.same for p in pairs]), np.array([p.fold for p in pairs]))
 
 
 def load(args: argparse.Namespace):

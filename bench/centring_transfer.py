@@ -42,7 +42,6 @@ from att_transfer import att_cache
 from enrollment import evaluation as ev
 from enrollment import identity_mapping as im
 from enrollment import score_centring as sc
-from enrollment.lfw_protocol import held_out_identities, held_out_pairs
 from enrollment.metrics import cross_validated_accuracy, tar_at_far, threshold_at_far
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -66,19 +65,9 @@ def main() -> int:
 
     lt, at = templates(lfw), templates(att)
     centroids = sc.centroids_under(cohort, key).astype(np.float64)
-    pairs = held_out_pairs(pairs_txt)
-    where = lfw.index()
-    a = np.array([where[p.path_a] for p in pairs])
-    b = np.array([where[p.path_b] for p in pairs])
-    same = np.array([p.same for p in pairs])
-    folds = np.array([p.fold for p in pairs])
-    ident = np.array([p.split("/")[0] for p in lfw.paths])
-    is_test = np.isin(ident, list(held_out_identities(pairs_txt)))
-    test = np.flatnonzero(is_test)
-    rng = np.random.default_rng(0)  # as evaluation.impostor_threshold draws them
-    ia, ib = rng.integers(0, len(test), (2, 300_000))
-    keep = ident[test[ia]] != ident[test[ib]]
-    ia, ib = test[ia[keep]], test[ib[keep]]
+    a, b, same, folds = _lfw.pair_arrays(pairs_txt, lfw)
+    test, ia, ib = ev.impostor_pairs(lfw, pairs_txt)  # the pairs the file's thresholds used
+    ia, ib = test[ia], test[ib]
 
     def measure(lm: np.ndarray, scored: np.ndarray, sm: np.ndarray, labels: np.ndarray) -> dict:
         """LFW figures with cohort means ``lm``; AT&T's for templates ``scored``, means ``sm``."""
@@ -96,7 +85,7 @@ def main() -> int:
                 "att_cohort_mean": float(sm.mean())}
 
     lm, am = (sc.cohort_means(x, centroids, cohort.k) for x in (lt, at))
-    train_means = lm[~is_test]
+    train_means = np.delete(lm, test)  # the training split's people
     bounds = {q: float(np.quantile(train_means, q)) for q in QUANTILES}
     mappings: dict[str, Callable[[np.ndarray], np.ndarray]] = {
         "plain": lambda m: 0 * m, "centred": lambda m: m}

@@ -42,7 +42,7 @@ import _lfw
 from enrollment import evaluation as ev
 from enrollment import identity_mapping as im
 from enrollment import score_centring, whitening
-from enrollment.lfw_protocol import held_out_identities, held_out_pairs
+from enrollment.lfw_protocol import held_out_identities
 from enrollment.metrics import cross_validated_accuracy, identification, tar_at_far
 
 GRID_DIMS = (64, 96, 128)
@@ -74,12 +74,7 @@ def main() -> int:
     ap.add_argument("--embeddings", help="folder to keep and reuse each draw's raw embeddings")
     args = ap.parse_args()
     pairs_txt, cache, _, _, _ = _lfw.load(args)
-    pairs = held_out_pairs(pairs_txt)
-    where = cache.index()
-    a = np.array([where[p.path_a] for p in pairs])
-    b = np.array([where[p.path_b] for p in pairs])
-    same = np.array([p.same for p in pairs])
-    folds = np.array([p.fold for p in pairs])
+    a, b, same, folds = _lfw.pair_arrays(pairs_txt, cache)
     test_people = held_out_identities(pairs_txt)
     ident = np.array([p.split("/")[0] for p in cache.paths])
     cohort = np.flatnonzero(~np.isin(ident, list(test_people)))

@@ -246,6 +246,21 @@ def verification(
     }
 
 
+def impostor_pairs(
+    cache: FaceCache, pairs_txt: str, n_pairs: int = 300_000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(test images, a, b): the cache indices of LFW folds 6-10 people's images, and random
+    different-identity pairs among them as positions into that array (fewer than
+    ``n_pairs``: same-identity draws are dropped). What thresholds are calibrated on."""
+    names = held_out_identities(pairs_txt)
+    ident = np.array([p.split("/")[0] for p in cache.paths])
+    idx = np.flatnonzero(np.isin(ident, list(names)))
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, len(idx), (2, n_pairs))
+    keep = ident[idx[a]] != ident[idx[b]]
+    return idx, a[keep], b[keep]
+
+
 def impostor_threshold(
     embedder: Embedder, cache: FaceCache, pairs_txt: str, far: float = 1e-3,
     n_pairs: int = 300_000, seed: int = 0,
@@ -256,18 +271,12 @@ def impostor_threshold(
     thousands of cross-identity pairs of the same (unseen) identities calibrate it properly.
     Returned for embeddings and for templates under one gallery identity-mapping key.
     """
-    names = held_out_identities(pairs_txt)
-    ident = np.array([p.split("/")[0] for p in cache.paths])
-    idx = np.flatnonzero(np.isin(ident, list(names)))
+    idx, a, b = impostor_pairs(cache, pairs_txt, n_pairs, seed)
     e = embedder(idx)
     cohort = cohort_of(embedder)
     key = im.derive_key(MAPPING_SECRET, "gallery:eval:v1")
     t = unit(im.protect(e, key))
     me, mt = cohort_means(e, cohort), cohort_means(t, cohort, key)
-    rng = np.random.default_rng(seed)
-    a, b = rng.integers(0, len(idx), (2, n_pairs))
-    keep = ident[idx[a]] != ident[idx[b]]
-    a, b = a[keep], b[keep]
     emb_scores = score_centring.centre(np.sum(e[a] * e[b], axis=1), me[a], me[b])
     tpl_scores = score_centring.centre(np.sum(t[a] * t[b], axis=1), mt[a], mt[b])
     return {

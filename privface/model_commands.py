@@ -161,11 +161,10 @@ def cmd_eval(args) -> int:
     averaged = (settings.average_permutations if args.average_permutations is None
                 else args.average_permutations)
     centred = settings.score_centring if args.score_centring is None else args.score_centring
-    embedders = ev.variants(
-        _models(args), cache, args.seed, flip=not args.no_flip, greyscale=args.greyscale,
-        precision=args.precision, all_permutations=averaged, whiten=not args.no_whiten,
-        centre=centred,
-    )
+    # how every embedder of this run sees the faces (the variants and the extra draws)
+    how = {"flip": not args.no_flip, "greyscale": args.greyscale, "precision": args.precision,
+           "all_permutations": averaged, "whiten": not args.no_whiten, "centre": centred}
+    embedders = ev.variants(_models(args), cache, args.seed, **how)
     if args.only:
         wanted = set(args.only.split(","))
         embedders = {k: v for k, v in embedders.items() if k in wanted}
@@ -195,9 +194,7 @@ def cmd_eval(args) -> int:
             draws = ev.rank_draws(
                 _models(args)["protected"], cache, pairs_txt,
                 [args.seed + k for k in range(args.draws)],
-                known={args.seed: results["protected"]["accuracy"]}, flip=not args.no_flip,
-                greyscale=args.greyscale, precision=args.precision, all_permutations=averaged,
-                whiten=not args.no_whiten, centre=centred,
+                known={args.seed: results["protected"]["accuracy"]}, **how,
             )
             summary["protected_rank_draws"] = draws
             print(f"protected over {args.draws} rank draws: {draws['mean'] * 100:.2f}% "
@@ -208,8 +205,7 @@ def cmd_eval(args) -> int:
                 _models(args)["protected"], cache, pairs_txt, subsets,
                 [args.seed + k for k in range(args.draws)],
                 known={s: {args.seed: results[f"subset_{s}"]["accuracy"]} for s in subsets},
-                flip=not args.no_flip, greyscale=args.greyscale, precision=args.precision,
-                all_permutations=averaged, whiten=not args.no_whiten, centre=centred,
+                **how,
             )
             summary["subset_draws"] = balance["subsets"]
             summary["subset_spread_over_draws"] = balance["spread"]

@@ -174,6 +174,16 @@ def milvus_options(settings: Settings) -> MilvusOptions | None:
     )
 
 
+def make_embedder(settings: Settings) -> Embedder:
+    """The model as the settings serve it (the server, and operator commands that must
+    score as it does)."""
+    return Embedder(settings.model_path or None, threads=settings.torch_threads,
+                    threshold=settings.threshold, precision=settings.model_precision,
+                    runtime=settings.model_runtime,
+                    average_permutations=settings.average_permutations,
+                    score_centring=settings.score_centring)
+
+
 def build_server(settings: Settings, *, warm_up: bool = True) -> RunningServer:
     """Start everything and return the running server (health SERVING once warmed up)."""
     check_index_backend(settings)
@@ -183,11 +193,7 @@ def build_server(settings: Settings, *, warm_up: bool = True) -> RunningServer:
     if tokens is not None and creds is None and not is_loopback(host):
         log.warning("tokens travel in clear text: configure tls_cert/tls_key for %s", host)
     # The model first: a missing model or threshold fails before any database starts.
-    embedder = Embedder(settings.model_path or None, threads=settings.torch_threads,
-                        threshold=settings.threshold, precision=settings.model_precision,
-                        runtime=settings.model_runtime,
-                        average_permutations=settings.average_permutations,
-                        score_centring=settings.score_centring)
+    embedder = make_embedder(settings)
     set_search_threads(settings.index_threads)
     url, embedded = database_url(settings)
     try:

@@ -472,19 +472,15 @@ def _database(settings: Settings):
 def cmd_calibrate(args: Any) -> int:
     """A gallery's threshold at --far from its own samples, scored as the configured server
     scores them (model, score_centring, key ring); prints the line for the config file."""
-    from privface.embedding import Embedder
     from privface.gallery_service import GalleryEngine
     from privface.keys import resolve_keyring
+    from privface.server import make_embedder
     from storage.errors import GalleryNotFound
 
     if not 0 < args.far < 1:
         raise SystemExit(f"--far must be in (0, 1), not {args.far}")
     settings = _settings(args)
-    embedder = Embedder(settings.model_path or None, threads=settings.torch_threads,
-                        threshold=settings.threshold, precision=settings.model_precision,
-                        runtime=settings.model_runtime,
-                        average_permutations=settings.average_permutations,
-                        score_centring=settings.score_centring)
+    embedder = make_embedder(settings)
     keys = resolve_keyring(settings.key_file, settings.data_dir, create_quickstart=False)
     sessions, db, embedded = _database(settings)
     try:
