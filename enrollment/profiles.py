@@ -3,7 +3,8 @@
 A profile names the method and every parameter of the transform (up-sampling factor, pruned
 frequencies, subsets, permutations), the wire dtype and the tensor shape, and carries a
 version: a server checks name, version, shape and dtype before it runs a model on an input.
-The built-in ``partialface-paper`` profile is exactly the paper's.
+The built-in ``partialface-paper`` profile is exactly the paper's; ``partialface-balanced``
+differs only in its partition of the 54 kept frequencies (``partialface.BALANCED_SUBSETS``).
 """
 
 from __future__ import annotations
@@ -60,7 +61,12 @@ class ProtectionProfile:
         return partialface.rank_channels(subset, permutation, self.subsets, self.permutations)
 
 
-def _partialface(name: str, factor: int, description: str) -> ProtectionProfile:
+def _partialface(
+    name: str,
+    factor: int,
+    description: str,
+    subsets: tuple[tuple[int, ...], ...] = partialface.SUBSETS,
+) -> ProtectionProfile:
     return ProtectionProfile(
         name=name,
         version=1,
@@ -69,7 +75,7 @@ def _partialface(name: str, factor: int, description: str) -> ProtectionProfile:
         dtype="float16",
         channels=27,
         pruned=partialface.PRUNED,
-        subsets=partialface.SUBSETS,
+        subsets=subsets,
         permutations=partialface.PAPER_PERMUTATIONS,
         description=description,
     )
@@ -92,6 +98,13 @@ PROFILES: dict[str, ProtectionProfile] = {
             "partialface-paper",
             8,
             "PartialFace as published: f = 8, 6 subsets x 6 permutations (3 official, 3 seeded)",
+        ),
+        _partialface(
+            "partialface-balanced",
+            8,
+            "PartialFace with subsets of equal information about the face (the paper's differ "
+            "by 7 bits per pixel): f = 8, 6 balanced subsets x the paper's 6 permutations",
+            partialface.BALANCED_SUBSETS,
         ),
         ProtectionProfile(
             name="hfcf",

@@ -72,10 +72,31 @@ def test_pruned_set_is_exactly_low_frequencies():
     assert pf.KEPT[:5] == (4, 5, 6, 7, 11)
 
 
-def test_subsets_partition_the_kept_positions():
-    flat = [p for s in pf.SUBSETS for p in s]
-    assert len(pf.SUBSETS) == 6 and all(len(s) == 9 for s in pf.SUBSETS)
+@pytest.mark.parametrize("subsets", [pf.SUBSETS, pf.BALANCED_SUBSETS], ids=["paper", "balanced"])
+def test_subsets_partition_the_kept_positions(subsets):
+    flat = [p for s in subsets for p in s]
+    assert len(subsets) == 6 and all(len(s) == 9 for s in subsets)
     assert sorted(flat) == list(range(54))
+
+
+def test_balanced_profile_protects_its_own_subsets(aligned_faces):
+    """The balanced profile differs from the paper's in its partition only, and its ranks are
+    the reference's channels of its own subsets."""
+    from enrollment.profiles import get_profile, rank_table
+
+    paper, balanced = get_profile("partialface-paper"), get_profile("partialface-balanced")
+    assert balanced.subsets == pf.BALANCED_SUBSETS != paper.subsets
+    assert {**paper.to_dict(), "name": 0, "subsets": 0, "description": 0} == {
+        **balanced.to_dict(), "name": 0, "subsets": 0, "description": 0}
+    faces = aligned_faces[:2]
+    ranks = np.array([[4, 2], [1, 5]])
+    table = rank_table(balanced)
+    ours = pf.protect(faces, ranks, 8, subsets=balanced.subsets)
+    ref = reference_channels(faces, 8)
+    for i, (s, p) in enumerate(ranks):
+        positions = [pf.KEPT.index(k) for k in table[s, p, :9]]
+        assert positions == [pf.BALANCED_SUBSETS[s][j] for j in pf.PAPER_PERMUTATIONS[p]]
+        assert np.abs(ours[i] - ref[i, table[s, p]]).max() < 1e-3
 
 
 def test_permutations_are_official_then_seeded_and_distinct():

@@ -43,6 +43,15 @@ def test_every_rank_of_real_faces_is_identified(aligned_faces, change):
     assert margin.min() > 0.3
 
 
+def test_every_rank_of_the_balanced_profile_is_identified(aligned_faces):
+    balanced = get_profile("partialface-balanced")
+    ranks = np.tile(ALL_RANKS, (len(aligned_faces), 1))
+    x = pf.protect(_faces(aligned_faces), ranks, subsets=balanced.subsets).astype(np.float16)
+    found, margin = ri.infer_ranks(x, balanced)
+    np.testing.assert_array_equal(found, ranks)
+    assert margin.min() > 0.3
+
+
 def test_a_wrong_rank_scores_lower_than_the_right_one(aligned_faces):
     x = pf.protect(aligned_faces[:1], [[2, 4]])
     scores = ri.rank_scores(x, PROFILE)[0]
