@@ -22,7 +22,9 @@ from enrollment.score_centring import Cohort
 from enrollment.whitening import Whitening
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_MODEL = WEIGHTS_DIR / "partialface-paper.pt"
+DEFAULT_MODEL = WEIGHTS_DIR / "partialface-balanced.pt"
+#: The model for clients that protect with the paper's own partition (``partialface-paper``).
+PAPER_MODEL = WEIGHTS_DIR / "partialface-paper.pt"
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -120,6 +120,11 @@ PROFILES: dict[str, ProtectionProfile] = {
 }
 
 
+#: The profile of the shipped model (``enrollment/weights``): what a client protects with
+#: unless it asks the server (ServerInfo.profile) or is told otherwise.
+DEFAULT_PROFILE = "partialface-balanced"
+
+
 def get_profile(name: str) -> ProtectionProfile:
     """The built-in profile called ``name``; KeyError lists the known ones."""
     try:

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("protect", help="turn face images into protected inputs")
     p.add_argument("images", nargs="+")
-    p.add_argument("--profile", default="partialface-paper")
+    p.add_argument("--profile", help="protection profile (default: the shipped model's, "
+                   "partialface-balanced; ask the server: ServerInfo.profile)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--rank", help="fixed SUBSET,PERMUTATION (default: random per face)")
     g.add_argument("--seed", type=int, help="seed of the random ranks / noise")
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", help="LFW pairs.txt: identities of folds 6-10 are excluded")
     p.add_argument("--out", required=True, help="run folder (checkpoints, log, model.pt)")
     p.add_argument("--kind", choices=["partialface", "rgb", "hfcf"], default="partialface")
-    p.add_argument("--profile", default="partialface-paper")
+    p.add_argument("--profile", default="partialface-paper",
+                   help="protection profile trained on (the shipped model: partialface-balanced)")
     p.add_argument("--fixed-rank", help="SUBSET,PERMUTATION: the vanilla fixed-rank baseline")
     p.add_argument("--widths", default="32,64,128,256")
     p.add_argument("--blocks", default="2,2,2,2")

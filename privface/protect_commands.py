@@ -16,7 +16,7 @@ from tqdm import tqdm
 from enrollment import hfcf, partialface, rank_inference, wire
 from enrollment.align import AlignmentError, align_file, load_aligned
 from enrollment.align_batch import align_batch, collect_inputs, summarise
-from enrollment.profiles import ProtectionProfile, get_profile
+from enrollment.profiles import DEFAULT_PROFILE, ProtectionProfile, get_profile
 from enrollment.protect import protect_faces
 
 
@@ -69,7 +69,7 @@ def parse_rank(text: str | None) -> tuple[int, int] | None:
 
 
 def cmd_protect(args) -> int:
-    profile = get_profile(args.profile)
+    profile = get_profile(args.profile or DEFAULT_PROFILE)
     rank = parse_rank(args.rank)
     if (
         rank is not None
@@ -121,7 +121,7 @@ def cmd_protect(args) -> int:
 def read_protected(path: str, profile_name: str | None) -> tuple[ProtectionProfile, np.ndarray]:
     """A .npy (bare array, profile from the option) or wire file, as (N, C, H, W) float32."""
     if path.endswith(".npy"):
-        profile = get_profile(profile_name or "partialface-paper")
+        profile = get_profile(profile_name or DEFAULT_PROFILE)
         array = np.load(path).astype(np.float32)
         return profile, array[None] if array.ndim == 3 else array
     return wire.load(Path(path).read_bytes())

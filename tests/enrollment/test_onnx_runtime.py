@@ -88,9 +88,11 @@ def test_per_subset_stems_export_as_one_graph_with_a_subset_input(subset_backbon
     assert cos.min() > 0.98, cos
 
 
-def test_shipped_int8_graph_is_of_the_shipped_model():
-    from enrollment.model_io import DEFAULT_MODEL
+@pytest.mark.parametrize("which", ["DEFAULT_MODEL", "PAPER_MODEL"])
+def test_shipped_int8_graph_is_of_the_shipped_model(which):
+    from enrollment import model_io
 
-    if not DEFAULT_MODEL.exists():
+    path = getattr(model_io, which)
+    if not path.exists():
         pytest.skip("no shipped model")
-    assert onnx_runtime.load_int8(DEFAULT_MODEL).embedding_size == 512
+    assert onnx_runtime.load_int8(path).embedding_size == 512

@@ -34,7 +34,7 @@ def test_protect_batch_wire_and_folder(lfw_dir, att_dir, tmp_path, capsys):
     assert main(["protect", *imgs, str(bad), "--rank", "2,1", "-o", str(blob)]) == 1
     assert "unreadable" in capsys.readouterr().err
     profile, x = wire.load(blob.read_bytes())
-    assert x.shape == (2, 27, 112, 112) and profile.name == "partialface-paper"
+    assert x.shape == (2, 27, 112, 112) and profile.name == "partialface-balanced"
     folder = tmp_path / "out"
     assert main(["protect", *imgs, "--profile", "hfcf", "-o", str(folder)]) == 0
     files = sorted(folder.glob("*.pfpi"))

@@ -12,9 +12,19 @@ from enrollment import wire
 from enrollment.profiles import get_profile
 from privface.client import ClientError
 from privface.v1 import gallery_pb2 as pb
-from tests.privface.helpers import MAX_MESSAGE, raw_wire
+from tests.privface.helpers import MAX_MESSAGE
+from tests.privface.helpers import raw_wire as _raw_wire
 
 SHAPE = (27, 112, 112)
+
+
+@pytest.fixture(scope="module")
+def served(service_model) -> str:
+    """The profile the server's model takes: bad input must fail on what is bad in it, not on
+    being protected for another model."""
+    from enrollment.model_io import load_model, profile_for
+
+    return profile_for(load_model(service_model.path)[1]).name
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +55,12 @@ def _good_array(n: int = 1) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((n, *SHAPE)).astype(np.float16)
 
 
-def test_protected_input_cases(service, stocked):
+def test_protected_input_cases(service, stocked, served):
     name, _, _ = stocked
+
+    def raw_wire(array, **kw):
+        return _raw_wire(array, **{"profile": served, **kw})
+
     bad = {
         "shape": raw_wire(np.zeros((1, 27, 56, 56), np.float16)),
         "dtype": raw_wire(np.zeros((1, *SHAPE), np.int32)),
@@ -79,7 +93,7 @@ def test_protected_input_cases(service, stocked):
             _refused(lambda b=blob: c.verify(name, "s1", b), grpc.StatusCode.INVALID_ARGUMENT,
                      reason)
         # The second sample is the bad one: the message names it, nothing is stored.
-        good = wire.encode(_good_array(), get_profile("partialface-paper"))
+        good = wire.encode(_good_array(), get_profile(served))
         e = _refused(lambda: c.enroll(name, "x-mixed", [good, bad["shape"]]),
                      grpc.StatusCode.INVALID_ARGUMENT, "shape")
         assert "sample 1" in e.details
@@ -142,14 +156,15 @@ def test_oversized_message(service, stocked):
         _refused(lambda: c.enroll(name, "x-big", [big]), grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
-def test_batch_items_and_empty_batch(service, stocked, att_inputs):
+def test_batch_items_and_empty_batch(service, stocked, att_inputs, served):
     name, _, _ = stocked
     with service.client("enroll") as c:
         _refused(lambda: list(c.enroll_batch(iter([]))), grpc.StatusCode.INVALID_ARGUMENT,
                  "empty")
         requests = [
             c.enroll_request(name, "b-ok", [att_inputs[(3, 1)]]),
-            c.enroll_request(name, "b-bad", [raw_wire(np.zeros((1, 27, 8, 8), np.float16))]),
+            c.enroll_request(name, "b-bad", [_raw_wire(np.zeros((1, 27, 8, 8), np.float16),
+                                                       profile=served)]),
             c.enroll_request("no-such-gallery", "b-nowhere", [att_inputs[(3, 2)]]),
             c.enroll_request(name, "b-none", []),
             c.enroll_request(name, "s2", [att_inputs[(3, 3)]]),  # exists
