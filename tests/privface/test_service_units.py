@@ -358,19 +358,19 @@ def test_embedder_averages_each_view_over_the_permutations_of_its_subset(
     import torch
 
     from enrollment import whitening
-    from enrollment.model_io import embed, load_model, model_inputs
+    from enrollment.model_io import embed, load_model, model_inputs, profile_for
     from enrollment.partialface import protect
-    from enrollment.profiles import get_profile
     from privface.embedding import Embedder
 
-    profile = get_profile("partialface-paper")
+    profile = profile_for(load_model(service_model.path)[1])  # the shipped model's
     kw = {"threads": 1, "threshold": 0.5, "runtime": "torch"}
     averaged, as_sent = Embedder(service_model.path, **kw), Embedder(
         service_model.path, average_permutations=False, **kw)
     assert averaged.average_permutations and not as_sent.average_permutations
     assert not load_settings(env={"PRIVFACE_AVERAGE_PERMUTATIONS": "0"}).average_permutations
     face = aligned_faces[:1]
-    sent = [protect(face, [[3, p]]) for p in range(6)]  # one view each, six permutations
+    sent = [protect(face, [[3, p]], subsets=profile.subsets, permutations=profile.permutations)
+            for p in range(6)]  # one view each, six permutations
     e = averaged.embed(sent)
     np.testing.assert_allclose(e, np.repeat(e[:1], 6, axis=0), rtol=0, atol=1e-5)
     model, info = load_model(service_model.path)

@@ -115,7 +115,8 @@ def test_calibrate_command_on_a_served_gallery(service, att_inputs, tmp_path, ca
     assert (r["samples"], r["subjects"], r["genuine_pairs"]) == (120, 40, 120)
     assert r["impostor_pairs"] == len(impostor) == 120 * 119 // 2 - 120
     allowed = int(np.floor(0.002 * len(impostor)))
-    assert np.sum(impostor >= r["threshold"]) <= allowed < np.sum(
+    # the server scores in float32, this check in float64: a pair can sit within 1e-6 of it
+    assert np.sum(impostor >= r["threshold"] + 1e-6) <= allowed < np.sum(
         impostor >= r["threshold"] - 1e-5)
     current = service.engine.card.threshold
     assert r["current_threshold"] == pytest.approx(current)
