@@ -17,7 +17,7 @@ distractor model fitted to the templates the service itself made for the enrolle
     python bench/service.py --sizes 10000 --json bench/results/service.json
     python bench/service.py --sizes 10000 100000 1000000 --enroll 2000   # full run
 
-Without the shipped model (``enrollment/weights/partialface-paper.pt``) pass ``--model``
+Without the shipped model (``enrollment/weights/partialface-balanced.pt``) pass ``--model``
 or ``--untrained-model`` (random weights of the training run's architecture: the same
 speed, meaningless matches; the JSON says so).
 """
