@@ -146,14 +146,20 @@ def att_faces(att_dir) -> dict[tuple[int, int], np.ndarray]:
 
 
 @pytest.fixture(scope="session")
-def att_inputs(att_faces, service_model) -> dict[tuple[int, int], bytes]:
-    """Protected inputs (face + mirror, random rank per view, fixed seeds) of every image."""
+def served_profile(service_model):
+    """The protection profile the served model takes: what the tests' clients protect with."""
     from enrollment.model_io import profile_for
+
+    return profile_for(load_model(service_model.path)[1])
+
+
+@pytest.fixture(scope="session")
+def att_inputs(att_faces, served_profile) -> dict[tuple[int, int], bytes]:
+    """Protected inputs (face + mirror, random rank per view, fixed seeds) of every image."""
     from privface.client import protect_many
 
-    _, info = load_model(service_model.path)
     keys = sorted(att_faces)
-    blobs = protect_many(np.stack([att_faces[k] for k in keys]), profile_for(info),
+    blobs = protect_many(np.stack([att_faces[k] for k in keys]), served_profile,
                          rngs=[np.random.default_rng([s, i, 7]) for s, i in keys])
     return dict(zip(keys, blobs, strict=True))
 

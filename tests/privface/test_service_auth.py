@@ -105,13 +105,13 @@ def test_gallery_scope(service, galleries, att_inputs):
         assert c.gallery_stats(b).gallery.subject_count == 1
 
 
-def test_server_info_says_who_calls(service, service_model):
-    from enrollment.model_io import load_model, profile_for
+def test_server_info_says_who_calls(service, service_model, served_profile):
+    from enrollment.model_io import load_model
 
     with service.client("team_a") as c:
         info = c.server_info()
     assert info.principal == "team-a-app" and sorted(info.roles) == ["enroll", "identify"]
-    assert info.profile == profile_for(load_model(service_model.path)[1]).name
+    assert info.profile == served_profile.name
     assert info.template_key_id == "tmap-1"
     assert info.default_threshold != 0 and info.threshold_source in ("model", "settings")
     whitened = load_model(service_model.path)[1]["whitening"] is not None

@@ -19,12 +19,9 @@ SHAPE = (27, 112, 112)
 
 
 @pytest.fixture(scope="module")
-def served(service_model) -> str:
-    """The profile the server's model takes: bad input must fail on what is bad in it, not on
-    being protected for another model."""
-    from enrollment.model_io import load_model, profile_for
-
-    return profile_for(load_model(service_model.path)[1]).name
+def served(served_profile) -> str:
+    """Bad input must fail on what is bad in it, not on being protected for another model."""
+    return served_profile.name
 
 
 @pytest.fixture(scope="module")

@@ -349,7 +349,7 @@ def test_embedder_reads_the_rank_off_each_view_for_per_subset_stems(
 
 
 def test_embedder_averages_each_view_over_the_permutations_of_its_subset(
-    service_model, aligned_faces
+    service_model, served_profile, aligned_faces
 ):
     """By default the server embeds each view under all six permutations of the subset it
     reads off the view and averages: what the model gives for those six inputs, averaged,
@@ -358,11 +358,11 @@ def test_embedder_averages_each_view_over_the_permutations_of_its_subset(
     import torch
 
     from enrollment import whitening
-    from enrollment.model_io import embed, load_model, model_inputs, profile_for
+    from enrollment.model_io import embed, load_model, model_inputs
     from enrollment.partialface import protect
     from privface.embedding import Embedder
 
-    profile = profile_for(load_model(service_model.path)[1])  # the shipped model's
+    profile = served_profile
     kw = {"threads": 1, "threshold": 0.5, "runtime": "torch"}
     averaged, as_sent = Embedder(service_model.path, **kw), Embedder(
         service_model.path, average_permutations=False, **kw)
