@@ -390,6 +390,78 @@ def split_stem(model: Backbone, n_subsets: int) -> Backbone:
     return out.eval()
 
 
+def widen(model: Backbone, widths: tuple[int, ...], seed: int = 0) -> Backbone:
+    """A wider copy of ``model`` (same depth, strides and head) that computes exactly what it
+    computes (Net2WiderNet): each new channel copies a random old channel of its stage, and
+    every layer reading a copied channel splits that channel's weight between the copies.
+
+    The splits are random shares that sum to one, not equal halves, so the function is kept
+    exactly (copies carry identical activations, in training mode too: identical batch
+    statistics) but the copies' gradients differ from the first step on; equal halves would
+    keep them identical forever.  A warm restart then trains the width the narrow model
+    could not use, instead of the 2 hours a wide model takes from scratch.
+    """
+    old = model.config
+    if old.subset_stems:
+        raise ValueError("widening a model with per-subset stems is not supported")
+    if len(widths) != len(old.widths) or any(
+        n < o for n, o in zip(widths, old.widths, strict=True)
+    ):
+        raise ValueError(f"widths {tuple(widths)} do not widen {old.widths} stage by stage")
+    cfg = BackboneConfig.from_dict({**old.to_dict(), "widths": tuple(widths)})
+    new = Backbone(cfg)
+    gen = torch.Generator().manual_seed(seed)
+
+    def mapping(c_old: int, c_new: int) -> torch.Tensor:
+        extra = torch.randint(0, c_old, (c_new - c_old,), generator=gen)
+        return torch.cat([torch.arange(c_old), extra])
+
+    def shares(g: torch.Tensor) -> torch.Tensor:
+        """Per new channel, its share of its old channel (the shares of copies sum to 1)."""
+        raw = 1 + 0.2 * (torch.rand(len(g), generator=gen) - 0.5)
+        totals = torch.zeros(int(g.max()) + 1).index_add(0, g, raw)
+        return raw / totals[g]
+
+    def conv(dst: nn.Conv2d, src: nn.Conv2d, g_out: torch.Tensor, g_in: torch.Tensor | None):
+        w = src.weight[g_out]
+        if g_in is not None:
+            w = w[:, g_in] * shares(g_in)[None, :, None, None]
+        dst.weight.copy_(w)
+
+    def per_channel(dst: nn.Module, src: nn.Module, g: torch.Tensor) -> None:
+        for name, t in src.state_dict().items():
+            dst.state_dict()[name].copy_(t[g] if t.ndim else t)
+
+    c_stem = old.stem_width or old.widths[0]
+    g_stem = mapping(c_stem, cfg.stem_width or cfg.widths[0])
+    with torch.no_grad():
+        conv(new.stem[0], model.stem[0], g_stem, None)
+        per_channel(new.stem[1], model.stem[1], g_stem)
+        per_channel(new.stem[2], model.stem[2], g_stem)
+        g_in, blocks = g_stem, iter(zip(new.body, model.body, strict=True))
+        for c_old, c_new, n in zip(old.widths, cfg.widths, old.blocks, strict=True):
+            g = mapping(c_old, c_new)
+            for _ in range(n):
+                dst, src = next(blocks)
+                per_channel(dst.body[0], src.body[0], g_in)
+                conv(dst.body[1], src.body[1], g, g_in)
+                for i in (2, 3, 5):
+                    per_channel(dst.body[i], src.body[i], g)
+                conv(dst.body[4], src.body[4], g, g)
+                if isinstance(src.shortcut, nn.Sequential):
+                    conv(dst.shortcut[0], src.shortcut[0], g, g_in)
+                    per_channel(dst.shortcut[1], src.shortcut[1], g)
+                g_in = g
+        per_channel(new.head[0], model.head[0], g_in)
+        lin, src_lin = new.head[3], model.head[3]
+        side2 = cfg.output_side() ** 2
+        w = src_lin.weight.reshape(len(src_lin.weight), -1, side2)[:, g_in]
+        lin.weight.copy_((w * shares(g_in)[None, :, None]).reshape(len(w), -1))
+        lin.bias.copy_(src_lin.bias)
+        per_channel(new.head[4], model.head[4], torch.arange(cfg.embedding_size))
+    return new.eval()
+
+
 def model_forward(model: Backbone):
     """The training forward: the last-stage features (for feature distillation) and the
     embedding, in one call so that a compiled version fuses both."""
@@ -517,6 +589,10 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         start_from, info = load_model(config.init)
         if bcfg.subset_stems and not start_from.config.subset_stems:
             start_from = split_stem(start_from, bcfg.subset_stems)
+        if start_from.config.widths != bcfg.widths and (
+            start_from.config.to_dict() | {"widths": bcfg.widths} == bcfg.to_dict()
+        ):  # a wider run from a narrower model: the same function, with room to grow
+            start_from = widen(start_from, bcfg.widths, config.seed)
         if start_from.config.to_dict() != bcfg.to_dict() or info["kind"] != config.kind:
             raise ValueError(
                 f"--init {config.init}: its architecture/kind ({info['kind']}, "

@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir")
     p.add_argument("--ship", help="copy the final model here (e.g. the shipped weights)")
     p.add_argument("--init", help="start from this model file's weights (a warm restart: a new "
-                   "LR schedule over --epochs; architecture and kind must match)")
+                   "LR schedule over --epochs; architecture and kind must match, "
+                   "except wider --widths: the model is widened, same function)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="bf16 autocast (auto: where the CPU has AMX or AVX512-BF16; "
                         "1.6-1.8x faster there)")

@@ -545,3 +545,55 @@ def test_subset_stems_warm_start_from_a_shared_stem_model(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="per-subset stems"):
         train(dataclasses.replace(run, out_dir=str(tmp_path / "fixed"), fixed_rank=(0, 0)),
               progress=False)
+
+
+def test_widen_keeps_the_function_and_breaks_the_symmetry():
+    """Net2WiderNet: the wider copy computes what the model computes (BN statistics, PReLU,
+    shortcuts and the head included), yet a copied channel learns apart from its original."""
+    import torch
+
+    from enrollment.training import widen
+
+    torch.manual_seed(0)
+    cfg = BackboneConfig(widths=(8, 8, 16, 16), blocks=(1, 2, 1, 1), embedding_size=32,
+                         strides=(2, 2, 2, 2), dropout=0.0)
+    model = Backbone(cfg).train()
+    with torch.no_grad():
+        for _ in range(3):  # running statistics that are not the initial ones
+            model(torch.randn(8, 27, 112, 112) * 3 + 1)
+    model.eval()
+    wide = widen(model, (16, 12, 24, 16))
+    assert wide.config.widths == (16, 12, 24, 16) and wide.config.blocks == cfg.blocks
+    x = torch.randn(4, 27, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), model(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(wide.train()(x), model.train()(x), atol=1e-4, rtol=1e-3)
+    # stem channel 8 copies one of channels 0-7; after one backward pass their gradients differ
+    stem = wide.stem[0].weight
+    original = next(k for k in range(8) if torch.equal(stem[8], stem[k]))
+    wide.eval()(x).square().sum().backward()
+    assert not torch.allclose(stem.grad[8], stem.grad[original])
+    with pytest.raises(ValueError, match="do not widen"):
+        widen(model, (4, 8, 16, 16))
+
+
+def test_wider_warm_restart_starts_from_the_narrow_model(tiny_run, tmp_path):
+    """--init of a narrower model with wider --widths widens it (same depth) and trains on."""
+    import dataclasses
+
+    import torch
+
+    from enrollment.model_io import load_model
+
+    config, _ = tiny_run
+    start, _ = load_model(Path(config.out_dir) / "model.pt")
+    run = dataclasses.replace(
+        config, out_dir=str(tmp_path / "wide"), epochs=1, lr=0.0,
+        init=str(Path(config.out_dir) / "model.pt"),
+        backbone=dataclasses.replace(TINY, widths=(16, 16, 16, 32)),
+    )
+    train(run, progress=False)
+    end, info = load_model(tmp_path / "wide" / "model.pt")
+    assert end.config.widths == (16, 16, 16, 32)
+    assert info["meta"]["train"]["backbone"]["widths"] == [16, 16, 16, 32]
+    torch.testing.assert_close(end.stem[0].weight[:8], start.stem[0].weight)
