@@ -459,7 +459,7 @@ def widen(model: Backbone, widths: tuple[int, ...], seed: int = 0) -> Backbone:
         w = src_lin.weight.reshape(len(src_lin.weight), -1, side2)[:, g_in]
         lin.weight.copy_((w * shares(g_in)[None, :, None]).reshape(len(w), -1))
         lin.bias.copy_(src_lin.bias)
-        per_channel(new.head[4], model.head[4], torch.arange(cfg.embedding_size))
+        new.head[4].load_state_dict(model.head[4].state_dict())  # the embedding: unchanged
     return new.eval()
 
 

@@ -3,6 +3,8 @@ server keeps serving. Everything goes through a real gRPC server on a real Postg
 
 from __future__ import annotations
 
+import functools
+
 import grpc
 import numpy as np
 import pytest
@@ -12,16 +14,17 @@ from enrollment import wire
 from enrollment.profiles import get_profile
 from privface.client import ClientError
 from privface.v1 import gallery_pb2 as pb
+from tests.privface import helpers
 from tests.privface.helpers import MAX_MESSAGE
-from tests.privface.helpers import raw_wire as _raw_wire
 
 SHAPE = (27, 112, 112)
 
 
 @pytest.fixture(scope="module")
-def served(served_profile) -> str:
-    """Bad input must fail on what is bad in it, not on being protected for another model."""
-    return served_profile.name
+def raw_wire(served_profile):
+    """Wire bytes with any header, protected for the served model unless a test names another
+    profile: bad input must fail on what is bad in it, not on being for another model."""
+    return functools.partial(helpers.raw_wire, profile=served_profile.name)
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +55,8 @@ def _good_array(n: int = 1) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((n, *SHAPE)).astype(np.float16)
 
 
-def test_protected_input_cases(service, stocked, served):
+def test_protected_input_cases(service, stocked, raw_wire, served_profile):
     name, _, _ = stocked
-
-    def raw_wire(array, **kw):
-        return _raw_wire(array, **{"profile": served, **kw})
-
     bad = {
         "shape": raw_wire(np.zeros((1, 27, 56, 56), np.float16)),
         "dtype": raw_wire(np.zeros((1, *SHAPE), np.int32)),
@@ -90,7 +89,7 @@ def test_protected_input_cases(service, stocked, served):
             _refused(lambda b=blob: c.verify(name, "s1", b), grpc.StatusCode.INVALID_ARGUMENT,
                      reason)
         # The second sample is the bad one: the message names it, nothing is stored.
-        good = wire.encode(_good_array(), get_profile(served))
+        good = wire.encode(_good_array(), served_profile)
         e = _refused(lambda: c.enroll(name, "x-mixed", [good, bad["shape"]]),
                      grpc.StatusCode.INVALID_ARGUMENT, "shape")
         assert "sample 1" in e.details
@@ -153,15 +152,14 @@ def test_oversized_message(service, stocked):
         _refused(lambda: c.enroll(name, "x-big", [big]), grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
-def test_batch_items_and_empty_batch(service, stocked, att_inputs, served):
+def test_batch_items_and_empty_batch(service, stocked, att_inputs, raw_wire):
     name, _, _ = stocked
     with service.client("enroll") as c:
         _refused(lambda: list(c.enroll_batch(iter([]))), grpc.StatusCode.INVALID_ARGUMENT,
                  "empty")
         requests = [
             c.enroll_request(name, "b-ok", [att_inputs[(3, 1)]]),
-            c.enroll_request(name, "b-bad", [_raw_wire(np.zeros((1, 27, 8, 8), np.float16),
-                                                       profile=served)]),
+            c.enroll_request(name, "b-bad", [raw_wire(np.zeros((1, 27, 8, 8), np.float16))]),
             c.enroll_request("no-such-gallery", "b-nowhere", [att_inputs[(3, 2)]]),
             c.enroll_request(name, "b-none", []),
             c.enroll_request(name, "s2", [att_inputs[(3, 3)]]),  # exists
