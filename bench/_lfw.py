@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from enrollment import evaluation as ev
-from enrollment.lfw_protocol import held_out_pairs
+from enrollment.lfw_protocol import held_out_identities, held_out_pairs
 from enrollment.model_io import DEFAULT_MODEL, load_model, profile_for
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -35,6 +35,15 @@ def pair_arrays(pairs_txt: str, cache) -> tuple[np.ndarray, ...]:
     where = cache.index()
     return (np.array([where[p.path_a] for p in pairs]), np.array([where[p.path_b] for p in pairs]),
             np.array([p.same for p in pairs]), np.array([p.fold for p in pairs]))
+
+
+def training_split_faces(data: str | Path, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` aligned faces of LFW people outside folds 6-10 (the training split), drawn with
+    ``seed``, in cache order."""
+    cache = ev.lfw_cache(Path(data) / "lfw", CACHE)
+    held_out = held_out_identities(Path(data) / "lfw" / "pairs.txt")
+    train = np.flatnonzero([cache.identities[y] not in held_out for y in cache.labels])
+    return cache.images[np.sort(np.random.default_rng(seed).choice(train, n, replace=False))]
 
 
 def load(args: argparse.Namespace):

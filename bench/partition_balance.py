@@ -23,8 +23,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from enrollment import evaluation as ev
-from enrollment.lfw_protocol import held_out_identities
 from enrollment.partialface import KEPT, SUBSETS, full_transform
 
 
@@ -46,11 +44,21 @@ def subset_channels(subset: tuple[int, ...]) -> np.ndarray:
     return np.concatenate([ks, 64 + ks, 128 + ks])
 
 
+def with_wire_rounding(signal: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """``noise`` plus the float16 rounding of the wire: relative 2^-11, uniform, so variance
+    x^2 2^-22 / 3 on each coefficient."""
+    return noise + np.diag(np.diag(signal + noise) * 2.0**-22 / 3)
+
+
+def gaussian_bits(signal: np.ndarray, noise: np.ndarray) -> float:
+    """Mutual information in bits between a Gaussian signal and it plus independent noise."""
+    return 0.5 * (np.linalg.slogdet(signal + noise)[1] - np.linalg.slogdet(noise)[1]) / np.log(2)
+
+
 def information(subset, signal: np.ndarray, noise: np.ndarray) -> float:
     """Bits per pixel one subset's 27 channels carry about the face (Gaussian channel)."""
     c = subset_channels(subset)
-    s, n = signal[np.ix_(c, c)], noise[np.ix_(c, c)]
-    return 0.5 * (np.linalg.slogdet(s + n)[1] - np.linalg.slogdet(n)[1]) / np.log(2)
+    return gaussian_bits(signal[np.ix_(c, c)], noise[np.ix_(c, c)])
 
 
 def balanced_partition(score, n_subsets: int = 6, size: int = 9, restarts: int = 8,
@@ -107,16 +115,10 @@ def main() -> None:
                     help="measured fixed-subset accuracies of the paper's partition to compare")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    data = Path(args.data)
-    cache = ev.lfw_cache(data / "lfw", _lfw.CACHE)
-    held_out = held_out_identities(data / "lfw" / "pairs.txt")
-    train = np.flatnonzero([cache.identities[y] not in held_out for y in cache.labels])
-    pick = np.random.default_rng(0).choice(train, args.faces, replace=False)
-    signal = channel_covariance(cache.images[np.sort(pick)])
+    signal = channel_covariance(_lfw.training_split_faces(args.data, args.faces))
     rng = np.random.default_rng(1)
     noise = args.noise**2 * channel_covariance(rng.standard_normal((64, 112, 112, 3)) + 128.0)
-    # float16 on the wire: relative rounding 2^-11, uniform -> variance x^2 2^-22 / 3.
-    noise += np.diag(np.diag(signal + noise) * 2.0**-22 / 3)
+    noise = with_wire_rounding(signal, noise)
 
     def score(s):
         return information(s, signal, noise)

@@ -20,11 +20,9 @@ import _lfw
 import numpy as np
 import torch
 import torch.nn.functional as F
-from partition_balance import subset_channels
+from partition_balance import gaussian_bits, subset_channels, with_wire_rounding
 from tqdm import tqdm
 
-from enrollment import evaluation as ev
-from enrollment.lfw_protocol import held_out_identities
 from enrollment.partialface import BALANCED_SUBSETS, SUBSETS, full_transform
 
 PARTITIONS = {"paper": SUBSETS, "balanced": BALANCED_SUBSETS}
@@ -51,12 +49,7 @@ def patch_covariances(images: np.ndarray, k: int, stride: int, batch: int = 16) 
 
 
 def bits_per_position(signal: np.ndarray, noise: np.ndarray, k: int) -> float:
-    noise = noise + np.diag(np.diag(signal + noise) * 2.0**-22 / 3)  # float16 rounding
-    return (
-        0.5
-        * (np.linalg.slogdet(signal + noise)[1] - np.linalg.slogdet(noise)[1])
-        / (np.log(2) * k * k)
-    )
+    return gaussian_bits(signal, with_wire_rounding(signal, noise)) / (k * k)
 
 
 def measured_accuracy(path: str) -> list[float] | None:
@@ -79,11 +72,7 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=2, help="positions between patches sampled")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    data = Path(args.data)
-    cache = ev.lfw_cache(data / "lfw", _lfw.CACHE)
-    held_out = held_out_identities(data / "lfw" / "pairs.txt")
-    train = np.flatnonzero([cache.identities[y] not in held_out for y in cache.labels])
-    pick = np.sort(np.random.default_rng(0).choice(train, args.faces, replace=False))
+    faces = _lfw.training_split_faces(args.data, args.faces)
     noise_faces = np.random.default_rng(1).standard_normal((64, 112, 112, 3)) + 128.0
     out = {
         "faces": args.faces,
@@ -94,7 +83,7 @@ def main() -> None:
     for name in PARTITIONS:
         out["partitions"][name] = {"accuracy": measured_accuracy(ACCURACY[name]), "bits": {}}
     for k in (int(s) for s in args.sizes.split(",")):
-        signal = patch_covariances(cache.images[pick], k, args.stride)
+        signal = patch_covariances(faces, k, args.stride)
         noise = patch_covariances(noise_faces, k, args.stride)
         for name, part in PARTITIONS.items():
             bits = [
