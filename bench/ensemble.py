@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from enrollment import evaluation as ev
+from enrollment.model_io import load_model
 
 
 def ensemble(members: list[ev.Embedder], weights: list[float]) -> ev.Embedder:
@@ -92,13 +93,15 @@ if __name__ == "__main__":
     if args.relabel:
         relabel(*args.relabel)
         raise SystemExit(0)
+    if not args.models:
+        ap.error("--models (or --relabel) is required")
     torch.set_num_threads(args.threads)
     weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0] * len(
         args.models)
     seeds = [int(s) for s in args.seeds.split(",")]
     cache = ev.lfw_cache(Path(args.data) / "lfw", _lfw.CACHE)
     pairs = str(Path(args.data) / "lfw" / "pairs.txt")
-    profiles = {ev._load(m)[1]["profile"] for m in args.models}
+    profiles = {load_model(m)[1]["profile"] for m in args.models}
     if len(profiles) != 1:
         raise SystemExit(f"the members must read the same protected input, not {profiles}")
 

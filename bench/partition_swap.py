@@ -7,8 +7,8 @@ it apart in its frequencies: it is the only subset with no coefficient of vertic
 u >= 6 (the others hold 2-5), i.e. none of the finest horizontal structure (eye lids, lips,
 brows). ``search`` swaps ``--swaps`` of subset 5's coefficients with u <= 3 for coefficients
 with u >= 6 of the subset that holds the most of them (subset 0), choosing the swaps that
-keep the two subsets' information (``partition_balance.information``) the most even, and
-writes the partition as JSON. ``run`` registers it, in this process only, as the profile
+leave the poorer of the two subsets the most information (``partition_balance.information``),
+and writes the partition as JSON. ``run`` registers it, in this process only, as the profile
 ``partialface-swap`` and runs a ``privface`` command on it (train, whiten, eval): the product
 is untouched until a partition earns its place.
 
