@@ -245,13 +245,22 @@ def test_compiled_training_computes_what_eager_does(tiny_run, tmp_path, monkeypa
     (e_emb, e_grads), (c_emb, c_grads) = results
     torch.testing.assert_close(c_emb, e_emb, rtol=1e-4, atol=1e-4)
     # gradients that are zero in exact arithmetic (a bias just before a batch-statistics BN)
-    # are rounding noise in both; every other parameter's gradient must agree
+    # are rounding noise in both; every other parameter's gradient must agree. The stem's
+    # weight gradients sum over the most positions (8 x 56 x 56 per weight) of an input
+    # spanning three decades, and fused kernels sum in another order: on a 2-core Intel Xeon
+    # with AMX (family 6 model 167) they differ by 3e-3 (conv) and 1.0e-2 (its BN's bias),
+    # every later layer's by ~2e-6 (on a Zen 4 all within 1e-3); a wrong gradient is off by
+    # O(1)
     largest = max(g.norm() for g in e_grads)
-    for a, b in zip(c_grads, e_grads, strict=True):
+    names = [name for name, _ in model.named_parameters()]
+    for name, a, b in zip(names, c_grads, e_grads, strict=True):
         if b.norm() > 1e-3 * largest:
-            assert (a - b).norm() <= 1e-3 * b.norm(), ((a - b).norm(), b.norm())
-    everything = torch.cat([g.flatten() for g in e_grads])
-    difference = torch.cat([(a - b).flatten() for a, b in zip(c_grads, e_grads, strict=True)])
+            tol = 3e-2 if name.startswith("stem.") else 1e-3
+            assert (a - b).norm() <= tol * b.norm(), (name, (a - b).norm(), b.norm())
+    later = [(a, b) for name, a, b in zip(names, c_grads, e_grads, strict=True)
+             if not name.startswith("stem.")]
+    everything = torch.cat([b.flatten() for _, b in later])
+    difference = torch.cat([(a - b).flatten() for a, b in later])
     assert difference.norm() <= 1e-4 * everything.norm()
 
 
