@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from enrollment import evaluation as ev
-from enrollment.lfw_protocol import held_out_identities, held_out_pairs
+from enrollment.lfw_protocol import held_out_pairs
 from enrollment.model_io import DEFAULT_MODEL, load_model, profile_for
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -41,8 +41,7 @@ def training_split_faces(data: str | Path, n: int, seed: int = 0) -> np.ndarray:
     """``n`` aligned faces of LFW people outside folds 6-10 (the training split), drawn with
     ``seed``, in cache order."""
     cache = ev.lfw_cache(Path(data) / "lfw", CACHE)
-    held_out = held_out_identities(Path(data) / "lfw" / "pairs.txt")
-    train = np.flatnonzero([cache.identities[y] not in held_out for y in cache.labels])
+    train = ev.training_split(cache, Path(data) / "lfw" / "pairs.txt")
     return cache.images[np.sort(np.random.default_rng(seed).choice(train, n, replace=False))]
 
 

@@ -61,6 +61,15 @@ def information(subset, signal: np.ndarray, noise: np.ndarray) -> float:
     return gaussian_bits(signal[np.ix_(c, c)], noise[np.ix_(c, c)])
 
 
+def signal_and_noise(data: str, faces: int, grey_levels: float) -> tuple[np.ndarray, ...]:
+    """(signal, noise) covariances of the 192 channels: ``faces`` training-split faces, and
+    white noise of ``grey_levels`` on the RGB face plus the wire's float16 rounding."""
+    signal = channel_covariance(_lfw.training_split_faces(data, faces))
+    rng = np.random.default_rng(1)
+    noise = grey_levels**2 * channel_covariance(rng.standard_normal((64, 112, 112, 3)) + 128.0)
+    return signal, with_wire_rounding(signal, noise)
+
+
 def balanced_partition(score, n_subsets: int = 6, size: int = 9, restarts: int = 8,
                        seed: int = 0, start=None) -> tuple[tuple[int, ...], ...]:
     """Swap positions between subsets while the least informative subset gains (ties: the
@@ -115,10 +124,7 @@ def main() -> None:
                     help="measured fixed-subset accuracies of the paper's partition to compare")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    signal = channel_covariance(_lfw.training_split_faces(args.data, args.faces))
-    rng = np.random.default_rng(1)
-    noise = args.noise**2 * channel_covariance(rng.standard_normal((64, 112, 112, 3)) + 128.0)
-    noise = with_wire_rounding(signal, noise)
+    signal, noise = signal_and_noise(args.data, args.faces, args.noise)
 
     def score(s):
         return information(s, signal, noise)

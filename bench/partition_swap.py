@@ -25,8 +25,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from enrollment import partialface, profiles  # noqa: E402
@@ -41,15 +39,11 @@ def vertical(position: int) -> int:
 
 
 def search(args: argparse.Namespace) -> None:
-    import _lfw
     import torch
-    from partition_balance import channel_covariance, information, with_wire_rounding
+    from partition_balance import information, signal_and_noise
 
     torch.set_num_threads(args.threads)
-    signal = channel_covariance(_lfw.training_split_faces(args.data, args.faces))
-    rng = np.random.default_rng(1)
-    noise = args.noise**2 * channel_covariance(rng.standard_normal((64, 112, 112, 3)) + 128.0)
-    noise = with_wire_rounding(signal, noise)
+    signal, noise = signal_and_noise(args.data, args.faces, args.noise)
     target, donor = BALANCED_SUBSETS[TARGET], BALANCED_SUBSETS[DONOR]
     give = [p for p in target if vertical(p) <= 3]
     take = [p for p in donor if vertical(p) >= 6]

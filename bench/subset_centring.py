@@ -23,7 +23,6 @@ import numpy as np
 
 from enrollment import evaluation as ev
 from enrollment import model_io, rank_inference, whitening
-from enrollment.lfw_protocol import held_out_identities
 
 
 class SubsetMeans:
@@ -67,8 +66,7 @@ if __name__ == "__main__":
     args = ap.parse_args()
     pairs, cache, _, info, profile = _lfw.load(args)
     seeds = [int(s) for s in args.seeds.split(",")]
-    held_out = held_out_identities(pairs)
-    train = np.flatnonzero([cache.identities[y] not in held_out for y in cache.labels])
+    train = ev.training_split(cache, pairs)
     cohort = np.sort(np.random.default_rng(0).choice(train, args.cohort, replace=False))
     hook = SubsetMeans(profile)
     ev.embed = hook

@@ -22,7 +22,6 @@ import numpy as np
 from enrollment import evaluation as ev
 from enrollment import whitening
 from enrollment.face_cache import build_cache
-from enrollment.lfw_protocol import held_out_identities
 
 if __name__ == "__main__":
     ap = _lfw.parser(__doc__)
@@ -33,8 +32,7 @@ if __name__ == "__main__":
     pairs, cache, _, info, _ = _lfw.load(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     celeba = build_cache(Path(args.data) / "celeba" / "celeba-crops", _lfw.CACHE)
-    held_out = held_out_identities(pairs)
-    train = np.flatnonzero([cache.identities[y] not in held_out for y in cache.labels])
+    train = ev.training_split(cache, pairs)
     every = np.arange(len(celeba.labels))
     w_file = info["whitening"]
     dims, power = w_file.dims, w_file.power

@@ -286,6 +286,13 @@ def impostor_threshold(
     }
 
 
+def training_split(cache: FaceCache, pairs_txt: str | os.PathLike) -> np.ndarray:
+    """Indices of the cached LFW images whose people appear nowhere in folds 6-10: all that
+    calibration, whitening and the benchmarks' cohorts may see."""
+    test_people = held_out_identities(pairs_txt)
+    return np.flatnonzero([cache.identities[lab] not in test_people for lab in cache.labels])
+
+
 def identification_split(cache: FaceCache, pairs_txt: str) -> dict[str, np.ndarray]:
     """Test identities: first image enrolled, the rest mated probes; singletons non-mated."""
     names = held_out_identities(pairs_txt)

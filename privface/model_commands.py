@@ -282,14 +282,6 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _training_split(cache, pairs_txt: str) -> np.ndarray:
-    """Indices of the cached LFW images whose people appear nowhere in folds 6-10: all that
-    calibration and whitening may see."""
-    from enrollment.lfw_protocol import held_out_identities
-
-    test_people = held_out_identities(pairs_txt)
-    return np.flatnonzero([cache.identities[lab] not in test_people for lab in cache.labels])
-
 
 def _client_views(cache, indices: np.ndarray, profile, rng: np.random.Generator) -> np.ndarray:
     """Exactly what the client sends for these faces (face + mirror: one random subset, a
@@ -322,7 +314,7 @@ def cmd_quantize(args) -> int:
     data = Path(args.data)
     pairs_txt = str(data / "lfw" / "pairs.txt")
     cache = ev.lfw_cache(data / "lfw", args.cache_dir or settings.cache_dir)
-    allowed = _training_split(cache, pairs_txt)
+    allowed = ev.training_split(cache, pairs_txt)
     rng = np.random.default_rng(args.seed)
     chosen = rng.choice(allowed, args.images + args.check, replace=False)
     calibration = _client_views(cache, chosen[: args.images], profile, rng)
@@ -372,7 +364,7 @@ def cmd_whiten(args) -> int:
     torch.set_num_threads(args.threads)
     data = Path(args.data)
     cache = ev.lfw_cache(data / "lfw", args.cache_dir or settings.cache_dir)
-    allowed = _training_split(cache, str(data / "lfw" / "pairs.txt"))
+    allowed = ev.training_split(cache, data / "lfw" / "pairs.txt")
     if args.images:
         if args.images > len(allowed):
             raise ValueError(f"{args.images} images asked, {len(allowed)} training-split "
