@@ -67,9 +67,9 @@ def relabel(src: str, dst: str, profile: str) -> None:
     from enrollment.model_io import set_whitening
     from enrollment.profiles import get_profile
 
-    get_profile(profile)  # exists
     blob = torch.load(src, map_location="cpu", weights_only=True)
     blob["profile"] = profile
+    blob["profile_digest"] = get_profile(profile).digest()
     torch.save(blob, dst)
     set_whitening(dst, None)
 

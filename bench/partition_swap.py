@@ -10,11 +10,16 @@ with u >= 6 of the subset that holds the most of them (subset 0), choosing the s
 leave the poorer of the two subsets the most information (``partition_balance.information``),
 and writes the partition as JSON. ``run`` registers it, in this process only, as the profile
 ``partialface-swap`` and runs a ``privface`` command on it (train, whiten, eval): the product
-is untouched until a partition earns its place.
+is untouched until a partition earns its place. This one did: it is ``partialface-balanced``
+version 2, and ``ship`` turns a model trained by ``run`` into a file of that profile (the
+same weights, whitening and cohort; thresholds dropped, ``privface eval lfw
+--write-threshold`` calibrates them).
 
     python bench/partition_swap.py search --json bench/results/partition-swap.json
     python bench/partition_swap.py run bench/results/partition-swap.json -- train ... \\
-        --profile partialface-swap --init enrollment/weights/partialface-balanced.pt
+        --profile partialface-swap --init <the version-1 partialface-balanced.pt>
+    python bench/partition_swap.py ship runs/swap/model.pt \\
+        enrollment/weights/partialface-balanced.pt
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from enrollment import partialface, profiles  # noqa: E402
-from enrollment.partialface import BALANCED_SUBSETS, KEPT  # noqa: E402
+from enrollment.partialface import BALANCED_SUBSETS_V1, KEPT  # noqa: E402
 
 NAME = "partialface-swap"
 TARGET, DONOR = 5, 0
@@ -44,7 +49,7 @@ def search(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     signal, noise = signal_and_noise(args.data, args.faces, args.noise)
-    target, donor = BALANCED_SUBSETS[TARGET], BALANCED_SUBSETS[DONOR]
+    target, donor = BALANCED_SUBSETS_V1[TARGET], BALANCED_SUBSETS_V1[DONOR]
     give = [p for p in target if vertical(p) <= 3]
     take = [p for p in donor if vertical(p) >= 6]
     best = None
@@ -56,11 +61,11 @@ def search(args: argparse.Namespace) -> None:
             if best is None or min(bits) > min(best[2]):
                 best = (t, d, bits)
     t, d, bits = best
-    partition = [list(s) for s in BALANCED_SUBSETS]
+    partition = [list(s) for s in BALANCED_SUBSETS_V1]
     partition[TARGET], partition[DONOR] = list(t), list(d)
-    before = [information(s, signal, noise) for s in BALANCED_SUBSETS]
+    before = [information(s, signal, noise) for s in BALANCED_SUBSETS_V1]
     after = [information(tuple(s), signal, noise) for s in partition]
-    for name, part, b in (("balanced", BALANCED_SUBSETS, before), ("swapped", partition, after)):
+    for name, part, b in (("balanced", BALANCED_SUBSETS_V1, before), ("swapped", partition, after)):
         print(f"{name}: bits per pixel " + " / ".join(f"{x:.2f}" for x in b)
               + f"  (spread {max(b) - min(b):.2f})")
         for i, s in enumerate(part):
@@ -80,6 +85,26 @@ def register(partition_json: str) -> None:
         f"(bench/partition_swap.py; {partition_json})", subsets)
 
 
+def ship(src: str, dst: str) -> None:
+    """A model of ``partialface-swap`` as a file of the profile it became."""
+    import torch
+
+    from enrollment.model_io import SCORE_META_KEYS, load_model
+
+    blob = torch.load(src, map_location="cpu", weights_only=True)
+    assert blob["profile"] == NAME, blob["profile"]
+    shipped = profiles.get_profile("partialface-balanced")
+    if shipped.subsets != partialface.BALANCED_SUBSETS:
+        raise SystemExit("partialface-balanced is not the swapped partition")
+    meta = {k: v for k, v in json.loads(blob["meta"]).items() if k not in SCORE_META_KEYS}
+    meta["train"] = {**meta["train"], "profile": shipped.name, "trained_as": (
+        f"{NAME}: bench/partition_swap.py run bench/results/partition-swap.json, the "
+        f"partition of {shipped.name} v{shipped.version}")}
+    blob |= {"profile": shipped.name, "profile_digest": shipped.digest(), "meta": json.dumps(meta)}
+    torch.save(blob, dst)
+    load_model(dst)  # the digest check passes
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -93,9 +118,14 @@ if __name__ == "__main__":
     r = sub.add_parser("run")
     r.add_argument("partition_json")
     r.add_argument("privface_args", nargs=argparse.REMAINDER, help="after --")
+    sh = sub.add_parser("ship")
+    sh.add_argument("src")
+    sh.add_argument("dst")
     args = ap.parse_args()
     if args.cmd == "search":
         search(args)
+    elif args.cmd == "ship":
+        ship(args.src, args.dst)
     else:
         from privface.cli import main
 

@@ -17,7 +17,7 @@ import torch
 from enrollment import hfcf, partialface, rank_inference
 from enrollment.backbone import Backbone, BackboneConfig
 from enrollment.frequency import coefficient_maps, rgb_to_ycbcr_shifted
-from enrollment.profiles import ProtectionProfile, get_profile, rank_table
+from enrollment.profiles import PROFILES, ProtectionProfile, get_profile, rank_table
 from enrollment.score_centring import Cohort
 from enrollment.whitening import Whitening
 
@@ -127,12 +127,14 @@ def embed(
 def save_model(
     path: str | os.PathLike, model: Backbone, kind: str, profile: str | None, meta: dict
 ) -> None:
-    """Weights in float16 (half the bytes, no measurable loss) plus everything to rebuild."""
+    """Weights in float16 (half the bytes, no measurable loss) plus everything to rebuild,
+    and the digest of the protection profile: a profile's name outlives its versions."""
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     blob = {
         "config": model.config.to_dict(),
         "kind": kind,
         "profile": profile,
+        "profile_digest": get_profile(profile).digest() if profile else None,
         "meta": json.dumps(meta),
         "state_dict": state,
     }
@@ -142,14 +144,19 @@ def save_model(
     os.replace(tmp, path)
 
 
-def load_model(path: str | os.PathLike = DEFAULT_MODEL) -> tuple[Backbone, dict]:
+def load_model(
+    path: str | os.PathLike = DEFAULT_MODEL, check_profile: bool = True
+) -> tuple[Backbone, dict]:
     """(model in eval mode, info: kind, profile, meta, whitening, cohort) from a saved model
-    file.
+    file; with ``check_profile`` (not when only its weights are wanted, e.g. to warm-start
+    training on another partition) a file of another version of its profile is refused.
 
     ``whitening`` (a :class:`Whitening` or None) is applied to the model's final unit
     embeddings (after the views are combined) wherever templates are made; ``cohort`` (a
     :class:`Cohort` or None), fitted on the whitened embeddings, centres every score."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
+    if check_profile:
+        check_profile_digest(blob, path)
     model = Backbone(BackboneConfig.from_dict(blob["config"]))
     model.load_state_dict(
         {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
@@ -160,6 +167,24 @@ def load_model(path: str | os.PathLike = DEFAULT_MODEL) -> tuple[Backbone, dict]
     info = {"kind": blob["kind"], "profile": blob["profile"], "meta": json.loads(blob["meta"]),
             "whitening": _whitening_of(blob), "cohort": _cohort_of(blob)}
     return model, info
+
+
+def check_profile_digest(blob: dict, path: str | os.PathLike) -> None:
+    """Refuse a model file trained on another version of its profile (same name, other
+    subsets): it would embed every input from the wrong channels and match nothing. A file
+    written before the digest was recorded was trained on version 1 of its profile (the
+    paper profile still is; ``partialface-balanced`` v1 files are refused)."""
+    name, digest = blob.get("profile"), blob.get("profile_digest")
+    if not name or name not in PROFILES:
+        return
+    profile = PROFILES[name]
+    if digest is None and profile.version == 1 or digest == profile.digest():
+        return
+    trained_on = f"digest {digest}" if digest else "version 1 (no digest recorded)"
+    raise ValueError(
+        f"{path} was trained on protection profile {name} {trained_on}; this privface "
+        f"defines {name} v{profile.version} (digest {profile.digest()}): use a model file "
+        "made for this version (docs/model-card.md, 'Upgrading from an earlier model')")
 
 
 def _whitening_of(blob: dict) -> Whitening | None:

@@ -38,14 +38,29 @@ SUBSETS: tuple[tuple[int, ...], ...] = (
 #: subset every model measured so far recognises worst), these by 0.09.  Found by
 #: ``bench/partition_balance.py`` (maximin of the Gaussian information per pixel at 1 grey
 #: level of noise, 400 training-split LFW faces; ``bench/results/partition-balance.json``).
-#: Changing it changes the ``partialface-balanced`` profile.
-BALANCED_SUBSETS: tuple[tuple[int, ...], ...] = (
+#: It was version 1 of the ``partialface-balanced`` profile.
+BALANCED_SUBSETS_V1: tuple[tuple[int, ...], ...] = (
     (19, 37, 38, 42, 44, 46, 48, 49, 50),
     (0, 11, 17, 22, 26, 34, 36, 43, 47),
     (4, 9, 21, 24, 30, 32, 41, 45, 52),
     (1, 5, 12, 13, 27, 28, 35, 40, 53),
     (3, 6, 7, 14, 23, 29, 31, 39, 51),
     (2, 8, 10, 15, 16, 18, 20, 25, 33),
+)
+
+#: Version 2 of the ``partialface-balanced`` partition: version 1 with subset 5 (the only
+#: subset without a coefficient of vertical frequency u >= 6, and the one a model trained on
+#: version 1 recognised worst) given subset 0's (6,0) and (7,3) for its (0,6) and (3,2)
+#: (``bench/partition_swap.py``; ``bench/results/partition-swap.json``). A model trained on
+#: it recognises all six subsets within 0.43 points of each other (version 1: 1.09).
+#: Changing it changes the ``partialface-balanced`` profile.
+BALANCED_SUBSETS: tuple[tuple[int, ...], ...] = (
+    (2, 16, 19, 37, 42, 44, 46, 48, 50),
+    (0, 11, 17, 22, 26, 34, 36, 43, 47),
+    (4, 9, 21, 24, 30, 32, 41, 45, 52),
+    (1, 5, 12, 13, 27, 28, 35, 40, 53),
+    (3, 6, 7, 14, 23, 29, 31, 39, 51),
+    (8, 10, 15, 18, 20, 25, 33, 38, 49),
 )
 
 #: The three permutations published with the official code: new position j takes old perm[j].

@@ -4,7 +4,10 @@ A profile names the method and every parameter of the transform (up-sampling fac
 frequencies, subsets, permutations), the wire dtype and the tensor shape, and carries a
 version: a server checks name, version, shape and dtype before it runs a model on an input.
 The built-in ``partialface-paper`` profile is exactly the paper's; ``partialface-balanced``
-differs only in its partition of the 54 kept frequencies (``partialface.BALANCED_SUBSETS``).
+differs only in its partition of the 54 kept frequencies (``partialface.BALANCED_SUBSETS``;
+version 2 since its subset 5 was given high vertical frequencies, version 1's partition is
+``partialface.BALANCED_SUBSETS_V1``). A model file records the digest of the profile it
+was trained on, so a file of another version is refused, not run on the wrong channels.
 """
 
 from __future__ import annotations
@@ -66,10 +69,11 @@ def _partialface(
     factor: int,
     description: str,
     subsets: tuple[tuple[int, ...], ...] = partialface.SUBSETS,
+    version: int = 1,
 ) -> ProtectionProfile:
     return ProtectionProfile(
         name=name,
-        version=1,
+        version=version,
         method="partialface",
         factor=factor,
         dtype="float16",
@@ -103,8 +107,10 @@ PROFILES: dict[str, ProtectionProfile] = {
             "partialface-balanced",
             8,
             "PartialFace with subsets of equal information about the face (the paper's differ "
-            "by 7 bits per pixel): f = 8, 6 balanced subsets x the paper's 6 permutations",
+            "by 7 bits per pixel), each with high vertical frequencies: f = 8, 6 balanced "
+            "subsets x the paper's 6 permutations",
             partialface.BALANCED_SUBSETS,
+            version=2,  # v1: partialface.BALANCED_SUBSETS_V1
         ),
         ProtectionProfile(
             name="hfcf",

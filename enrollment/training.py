@@ -587,7 +587,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     ckpt_path = out / "checkpoint.pt"
     log_path = out / "log.jsonl"
     if config.init and not ckpt_path.exists():
-        start_from, info = load_model(config.init)
+        start_from, info = load_model(config.init, check_profile=False)  # weights only
         if bcfg.subset_stems and not start_from.config.subset_stems:
             start_from = split_stem(start_from, bcfg.subset_stems)
         if start_from.config.widths != bcfg.widths and (

@@ -72,7 +72,8 @@ def test_pruned_set_is_exactly_low_frequencies():
     assert pf.KEPT[:5] == (4, 5, 6, 7, 11)
 
 
-@pytest.mark.parametrize("subsets", [pf.SUBSETS, pf.BALANCED_SUBSETS], ids=["paper", "balanced"])
+@pytest.mark.parametrize("subsets", [pf.SUBSETS, pf.BALANCED_SUBSETS, pf.BALANCED_SUBSETS_V1],
+                         ids=["paper", "balanced", "balanced-v1"])
 def test_subsets_partition_the_kept_positions(subsets):
     flat = [p for s in subsets for p in s]
     assert len(subsets) == 6 and all(len(s) == 9 for s in subsets)
@@ -86,8 +87,9 @@ def test_balanced_profile_protects_its_own_subsets(aligned_faces):
 
     paper, balanced = get_profile("partialface-paper"), get_profile("partialface-balanced")
     assert balanced.subsets == pf.BALANCED_SUBSETS != paper.subsets
-    assert {**paper.to_dict(), "name": 0, "subsets": 0, "description": 0} == {
-        **balanced.to_dict(), "name": 0, "subsets": 0, "description": 0}
+    mask = {"name": 0, "subsets": 0, "description": 0, "version": 0}
+    assert {**paper.to_dict(), **mask} == {**balanced.to_dict(), **mask}
+    assert balanced.version == 2  # v1: pf.BALANCED_SUBSETS_V1
     faces = aligned_faces[:2]
     ranks = np.array([[4, 2], [1, 5]])
     table = rank_table(balanced)
