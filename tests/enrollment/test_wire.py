@@ -90,3 +90,15 @@ def test_all_finite_agrees_with_numpy_on_every_float16():
     assert not wire.all_finite(np.array([1.0, np.nan], np.float32))
     swapped = np.array([1.0, 65504.0, -np.inf], ">f2")  # the other byte order
     assert not wire.all_finite(swapped) and wire.all_finite(swapped[:2])
+
+
+def test_version_1_balanced_input_is_refused():
+    """A client still on the balanced partition's version 1 sends the same name and shape
+    with other subsets: refused by its version, not embedded from the wrong channels."""
+    from enrollment import partialface, profiles
+
+    v1 = profiles._partialface("partialface-balanced", 8, "", partialface.BALANCED_SUBSETS_V1)
+    v2 = get_profile("partialface-balanced")
+    assert v2.version == 2 and v1.shape == v2.shape
+    assert _reason(wire.encode(sample(1), v1)) == "profile_version"
+    assert wire.load(wire.encode(sample(1), v2))[0] is v2
