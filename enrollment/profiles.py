@@ -33,7 +33,7 @@ class ProtectionProfile:
     subsets: tuple[tuple[int, ...], ...] = ()
     permutations: tuple[tuple[int, ...], ...] = ()
     eps_mean: float | None = None
-    description: str = ""
+    description: str = ""  # in the digest too: edit it with a version bump, or files are refused
 
     @property
     def side(self) -> int:
