@@ -63,14 +63,11 @@ def measure(models: list[str], weights: list[float], cache, pairs: str, seed: in
 
 
 def relabel(src: str, dst: str, profile: str) -> None:
-    """A copy of a model file that reads ``profile``'s protected input."""
+    """A copy of a model file that reads ``profile``'s protected input, without whitening."""
+    from enrollment.model_io import relabel as relabel_file
     from enrollment.model_io import set_whitening
-    from enrollment.profiles import get_profile
 
-    blob = torch.load(src, map_location="cpu", weights_only=True)
-    blob["profile"] = profile
-    blob["profile_digest"] = get_profile(profile).digest()
-    torch.save(blob, dst)
+    relabel_file(src, dst, profile)
     set_whitening(dst, None)
 
 

@@ -89,19 +89,16 @@ def ship(src: str, dst: str) -> None:
     """A model of ``partialface-swap`` as a file of the profile it became."""
     import torch
 
-    from enrollment.model_io import SCORE_META_KEYS, load_model
+    from enrollment.model_io import load_model, relabel
 
-    blob = torch.load(src, map_location="cpu", weights_only=True)
-    assert blob["profile"] == NAME, blob["profile"]
+    if torch.load(src, map_location="cpu", weights_only=True)["profile"] != NAME:
+        raise SystemExit(f"{src} is not a {NAME} model")
     shipped = profiles.get_profile("partialface-balanced")
     if shipped.subsets != partialface.BALANCED_SUBSETS:
         raise SystemExit("partialface-balanced is not the swapped partition")
-    meta = {k: v for k, v in json.loads(blob["meta"]).items() if k not in SCORE_META_KEYS}
-    meta["train"] = {**meta["train"], "profile": shipped.name, "trained_as": (
+    relabel(src, dst, shipped.name, {"profile": shipped.name, "trained_as": (
         f"{NAME}: bench/partition_swap.py run bench/results/partition-swap.json, the "
-        f"partition of {shipped.name} v{shipped.version}")}
-    blob |= {"profile": shipped.name, "profile_digest": shipped.digest(), "meta": json.dumps(meta)}
-    torch.save(blob, dst)
+        f"partition of {shipped.name} v{shipped.version}")})
     load_model(dst)  # the digest check passes
 
 

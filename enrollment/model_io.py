@@ -187,6 +187,21 @@ def check_profile_digest(blob: dict, path: str | os.PathLike) -> None:
         "made for this version (docs/model-card.md, 'Upgrading from an earlier model')")
 
 
+def relabel(
+    src: str | os.PathLike, dst: str | os.PathLike, profile: str, train_note: dict | None = None
+) -> None:
+    """A copy of a model file that declares ``profile`` (same input shape, other subsets):
+    the same weights, whitening and cohort, the calibrated thresholds dropped (they belong to
+    the old inputs' scores); ``train_note`` is added to its training meta."""
+    blob = torch.load(src, map_location="cpu", weights_only=True)
+    target = get_profile(profile)
+    meta = {k: v for k, v in json.loads(blob["meta"]).items() if k not in SCORE_META_KEYS}
+    if train_note:
+        meta["train"] = {**meta.get("train", {}), **train_note}
+    blob |= {"profile": target.name, "profile_digest": target.digest(), "meta": json.dumps(meta)}
+    torch.save(blob, dst)
+
+
 def _whitening_of(blob: dict) -> Whitening | None:
     w = blob.get("whitening")
     if w is None:

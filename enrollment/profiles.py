@@ -126,6 +126,19 @@ PROFILES: dict[str, ProtectionProfile] = {
 }
 
 
+#: Earlier versions of built-in profiles, exactly as they were served (their digests are what
+#: their clients send and their model files record): what a refusal names, never served.
+RETIRED: dict[tuple[str, int], ProtectionProfile] = {
+    ("partialface-balanced", 1): _partialface(
+        "partialface-balanced",
+        8,
+        "PartialFace with subsets of equal information about the face (the paper's differ "
+        "by 7 bits per pixel): f = 8, 6 balanced subsets x the paper's 6 permutations",
+        partialface.BALANCED_SUBSETS_V1,
+    ),
+}
+
+
 #: The profile of the shipped model (``enrollment/weights``): what a client protects with
 #: unless it asks the server (ServerInfo.profile) or is told otherwise.
 DEFAULT_PROFILE = "partialface-balanced"

@@ -39,13 +39,13 @@ def test_model_file_of_another_profile_version_is_refused(small_backbone, tmp_pa
     trained on it must not run on version 2's channels."""
     import torch
 
-    from enrollment import partialface, profiles
+    from enrollment import profiles
     from enrollment.model_io import save_model
 
     path = tmp_path / "m.pt"
     save_model(path, small_backbone, "partialface", "partialface-balanced", {})
     load_model(path)  # this version: accepted
-    v1 = profiles._partialface("partialface-balanced", 8, "", partialface.BALANCED_SUBSETS_V1)
+    v1 = profiles.RETIRED[("partialface-balanced", 1)]
     assert v1.version == 1 and v1.digest() != profiles.get_profile("partialface-balanced").digest()
     blob = torch.load(path, weights_only=True)
     torch.save({**blob, "profile_digest": v1.digest()}, path)

@@ -95,9 +95,10 @@ def test_all_finite_agrees_with_numpy_on_every_float16():
 def test_version_1_balanced_input_is_refused():
     """A client still on the balanced partition's version 1 sends the same name and shape
     with other subsets: refused by its version, not embedded from the wrong channels."""
-    from enrollment import partialface, profiles
+    from enrollment import profiles
 
-    v1 = profiles._partialface("partialface-balanced", 8, "", partialface.BALANCED_SUBSETS_V1)
+    v1 = profiles.RETIRED[("partialface-balanced", 1)]
+    assert v1.digest() == "13dc1c9e56570419"  # what version-1 clients sent (release 49708bb)
     v2 = get_profile("partialface-balanced")
     assert v2.version == 2 and v1.shape == v2.shape
     assert _reason(wire.encode(sample(1), v1)) == "profile_version"
