@@ -64,23 +64,32 @@ def teacher_descriptor(image: np.ndarray, shape) -> np.ndarray:
     return np.asarray(_recogniser().compute_face_descriptor(image, shape), dtype=np.float32)
 
 
-def _process(job: tuple[str, tuple[int, int, int, int] | None, bool]):
+def face_shape(image: np.ndarray, box: tuple[int, int, int, int] | None):
+    """(68-point shape, rectangle) of the largest HOG face, or of ``box`` when given; None
+    where no face is found."""
     import dlib
 
+    if box is None:
+        rects, _ = detect(image)
+        if not rects:
+            return None
+        r = max(rects, key=lambda r: r.width() * r.height())
+        rect = dlib.rectangle(r.left(), r.top(), r.right(), r.bottom())
+    else:
+        rect = dlib.rectangle(*box)
+    return _landmarker()(image, rect), rect
+
+
+def _process(job: tuple[str, tuple[int, int, int, int] | None, bool]):
     path, box, with_teacher = job
     try:
         image, _ = load_image(path)
     except AlignmentError:
         return None
-    if box is None:
-        rects, _ = detect(image)
-        if not rects:
-            return "no_face"
-        r = max(rects, key=lambda r: r.width() * r.height())
-        rect = dlib.rectangle(r.left(), r.top(), r.right(), r.bottom())
-    else:
-        rect = dlib.rectangle(*box)
-    shape = _landmarker()(image, rect)
+    found = face_shape(image, box)
+    if found is None:
+        return "no_face"
+    shape, rect = found
     crop = warp(image, similarity_transform(five_points(shape), ARCFACE_TEMPLATE))
     desc = teacher_descriptor(image, shape) if with_teacher else np.zeros(128, np.float32)
     return crop, desc, (rect.left(), rect.top(), rect.right(), rect.bottom())
@@ -124,12 +133,13 @@ def build_cache(
         entries = [e for e in entries if e[0] in set(keep)]
     root = Path(root)
     jobs = [(str(root / rel), None, with_teacher) for _, rel in entries]
-    results = _run(jobs, workers, progress, "align+teacher")
+    results = run_jobs(_process, jobs, workers, progress, "align+teacher")
     boxes = np.array([r[2] for r in results if isinstance(r, tuple)])
     median = tuple(int(v) for v in np.median(boxes, axis=0)) if len(boxes) else None
     retry = [i for i, r in enumerate(results) if r == "no_face"]
     if retry and median is not None:
-        redo = _run([(jobs[i][0], median, with_teacher) for i in retry], workers, False, "")
+        redo = run_jobs(_process, [(jobs[i][0], median, with_teacher) for i in retry], workers,
+                        False, "")
         for i, r in zip(retry, redo, strict=True):
             results[i] = (*r, False) if isinstance(r, tuple) else r
     keep_idx = [i for i, r in enumerate(results) if isinstance(r, tuple)]
@@ -150,16 +160,18 @@ def build_cache(
     return cache
 
 
-def _run(jobs, workers: int, progress: bool, desc: str) -> list:
-    bar = tqdm(total=len(jobs), desc=desc, disable=not progress, unit="img")
+def run_jobs(fn, jobs: list, workers: int, progress: bool, desc: str) -> list:
+    """``fn`` over ``jobs`` in order, in ``workers`` forked processes (dlib is not thread-
+    parallel per call), with a progress bar."""
+    bar = tqdm(total=len(jobs), desc=desc, disable=not progress or not jobs, unit="img")
     out = []
     if workers <= 1:
         for j in jobs:
-            out.append(_process(j))
+            out.append(fn(j))
             bar.update()
     else:
         with get_context("fork").Pool(workers) as pool:
-            for r in pool.imap(_process, jobs, chunksize=16):
+            for r in pool.imap(fn, jobs, chunksize=16):
                 out.append(r)
                 bar.update()
     bar.close()

@@ -89,6 +89,11 @@ class TrainConfig:
     # face as, so that the student learns the teacher function off the training images too
     mixup_teacher: str | None = None
     mixup_p: float = 0.0
+    # teacher-labelled mixtures (`privface mixtures`, enrollment.mixtures): a share mixtures_p
+    # of each batch's samples is drawn from this file's blended photos, whose targets are the
+    # dlib teacher's own descriptors of the blends (lifted like the real faces' targets)
+    mixtures: str | None = None
+    mixtures_p: float = 0.0
     # held-out accuracy per fixed subset every this many epochs (and at the last one); 0 =
     # never: six more validation passes, ~40 s of a 4-7 minute epoch on 2 cores
     subset_val_every: int = 1
@@ -149,6 +154,57 @@ def load_training_data(config: TrainConfig) -> tuple[FaceCache, list[str]]:
         detected=np.concatenate([p.detected for p in parts]),
     )
     return merged, names
+
+
+def image_keys(data: FaceCache, names: list[str]) -> np.ndarray:
+    """"dataset/Identity/file" of every image of ``load_training_data``'s merged cache."""
+    prefixes = np.array([n.split("/", 1)[0] for n in names])
+    return np.char.add(np.char.add(prefixes[data.labels], "/"), data.paths.astype(str))
+
+
+def mixture_pool(config: TrainConfig) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(file paths, keys, labels) of the images a run of ``config`` trains on: test
+    identities excluded, its held-out validation identities too (the same split)."""
+    data, names = load_training_data(config)
+    keys = image_keys(data, names)
+    roots = {Path(r).name: Path(r) for r in config.data}
+    paths = [str(roots[k.split("/", 1)[0]] / k.split("/", 1)[1]) for k in keys]
+    keep = ~split_validation(data.labels, config.val_identities, config.seed)
+    return [p for p, k in zip(paths, keep, strict=True) if k], keys[keep], data.labels[keep]
+
+
+def build_mixture_set(config: TrainConfig, count: int, out: str, progress: bool = True) -> dict:
+    """``count`` teacher-labelled mixtures of ``config``'s training images, written to
+    ``out`` (``privface mixtures``)."""
+    from enrollment import mixtures
+
+    paths, keys, labels = mixture_pool(config)
+    made = mixtures.build(paths, list(keys), labels, count, seed=config.seed,
+                          workers=config.workers, progress=progress)
+    mixtures.save(made, out)
+    return {"mixtures": count, "from_images": len(paths),
+            "from_identities": int(len(np.unique(labels))), "out": out}
+
+
+def load_mixture_targets(
+    config: TrainConfig, keys: np.ndarray, allowed: np.ndarray, excluded: set[str]
+):
+    """(images, 128-d teacher descriptors) of the mixtures in ``config.mixtures`` whose two
+    photos are both in ``keys[allowed]`` (this run's training images); refuses a file that
+    mixes in an identity of the test folds."""
+    from enrollment import mixtures
+
+    made = mixtures.load(config.mixtures)
+    ingredients = np.concatenate([made.keys_a, made.keys_b])
+    people = {k.split("/")[1] for k in ingredients}
+    if people & excluded:
+        raise ValueError(f"--mixtures {config.mixtures}: mixes in test identities "
+                         f"({sorted(people & excluded)[:3]}...)")
+    ok = set(keys[allowed])
+    use = np.array([a in ok and b in ok for a, b in zip(made.keys_a, made.keys_b, strict=True)])
+    if not use.any():
+        raise ValueError(f"--mixtures {config.mixtures}: no mixture of this run's training images")
+    return made.images[use], made.teacher[use]
 
 
 def split_validation(labels: np.ndarray, n_val: int, seed: int) -> np.ndarray:
@@ -507,6 +563,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     if (config.mixup_p > 0) != bool(config.mixup_teacher):
         raise ValueError("mixup needs both a teacher for the mixed faces (--mixup-teacher) and "
                          "a positive share (--mixup-p)")
+    if (config.mixtures_p > 0) != bool(config.mixtures):
+        raise ValueError("teacher-labelled mixtures need both a file (--mixtures) and a positive "
+                         "share (--mixtures-p)")
     if config.compile and not channels_last_trainable(config.backbone):
         # checked before any data is loaded (the widths are config.backbone's: --init must
         # match them). inductor lays convolutions out channels-last by itself, and torch
@@ -533,10 +592,21 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
 
     teacher = data.teacher[train_idx]
     mean = teacher.mean(axis=0)
-    centred = data.teacher - mean
-    centred /= np.linalg.norm(centred, axis=1, keepdims=True) + 1e-8
-    lift = lift_matrix(centred.shape[1], config.backbone.embedding_size)
-    targets = nn.functional.normalize(torch.from_numpy(centred).float() @ lift.T, dim=1)
+    lift = lift_matrix(teacher.shape[1], config.backbone.embedding_size)
+
+    def lifted(descriptors: np.ndarray) -> torch.Tensor:
+        """The student's targets: teacher descriptors centred, unit, lifted to its size."""
+        centred = descriptors - mean
+        centred /= np.linalg.norm(centred, axis=1, keepdims=True) + 1e-8
+        return nn.functional.normalize(torch.from_numpy(centred).float() @ lift.T, dim=1)
+
+    targets = lifted(data.teacher)
+    mix_images = mix_targets = None
+    if config.mixtures:
+        mix_images, mix_desc = load_mixture_targets(
+            config, image_keys(data, names), ~val_mask, excluded_identities(config)
+        )
+        mix_targets = lifted(mix_desc)
 
     # ArcFace classes: training identities with at least two training images.
     ids, counts = np.unique(data.labels[train_idx], return_counts=True)
@@ -621,6 +691,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         "val_pairs": int(len(val_pairs)),
         "precision": precision,
     }
+    if mix_images is not None:
+        summary["mixtures"] = int(len(mix_images))
     for epoch in range(start_epoch, config.epochs):
         rng = np.random.default_rng([config.seed, epoch])
         order = rng.permutation(np.repeat(train_idx, config.uses_per_epoch))
@@ -632,6 +704,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             sums["feature"] = 0.0
         subset_sums, subset_counts = np.zeros(n_subsets), np.zeros(n_subsets)
         mixed_loss, mixed_count = 0.0, 0
+        blend_loss, blend_count = 0.0, 0
         bar = tqdm(
             range(steps_per_epoch),
             desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -640,8 +713,15 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         )
         for b in bar:
             idx = order[b * config.batch_size : (b + 1) * config.batch_size]
-            faces = augment(data.images[idx], config, rng)
-            want, mixed = targets[idx], np.zeros(0, dtype=int)
+            images, want = data.images[idx], targets[idx]
+            blended = np.zeros(0, dtype=int)  # samples replaced by teacher-labelled mixtures
+            if mix_images is not None:
+                blended = np.flatnonzero(rng.random(len(idx)) < config.mixtures_p)
+                pick = rng.integers(0, len(mix_images), len(blended))
+                images, want = images.copy(), want.clone()
+                images[blended], want[blended] = mix_images[pick], mix_targets[pick]
+            faces = augment(images, config, rng)
+            mixed = np.zeros(0, dtype=int)
             if mix_teacher is not None:
                 faces, mixed = mix_faces(faces, config.mixup_p, rng)
                 if len(mixed):
@@ -668,8 +748,12 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             per_sample = 1 - nn.functional.cosine_similarity(emb, want)
             real = np.ones(len(idx), dtype=bool)  # not mixed
             real[mixed] = False
+            real[blended] = False
             mixed_loss += per_sample[mixed].sum().item()
             mixed_count += len(mixed)
+            unmixed = np.setdiff1d(blended, mixed)  # blends the batch mixup left alone
+            blend_loss += per_sample[unmixed].sum().item()
+            blend_count += len(unmixed)
             distill = per_sample.mean()
             # what the log reports either way: the real faces' loss, comparable across runs
             plain = per_sample[real].mean() if real.any() else distill
@@ -716,6 +800,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         if mix_teacher is not None:  # per mixed face, and their share of the samples
             record["mixed_distill"] = mixed_loss / max(mixed_count, 1)
             record["mixed_share"] = mixed_count / max(steps_per_epoch * config.batch_size, 1)
+        if mix_images is not None:  # per teacher-labelled mixture, and their share
+            record["blend_distill"] = blend_loss / max(blend_count, 1)
+            record["blend_share"] = blend_count / max(steps_per_epoch * config.batch_size, 1)
         if n_subsets:  # the subset balance: training loss and held-out accuracy per subset
             record["distill_by_subset"] = (subset_sums / np.maximum(subset_counts, 1)).tolist()
             every, last = config.subset_val_every, epoch + 1 == config.epochs

@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "that labels faces mixed pairwise (mixup distillation)")
     p.add_argument("--mixup-p", type=float, default=0.0,
                    help="share of each batch replaced by mixed faces (> 0 with --mixup-teacher)")
+    p.add_argument("--mixtures", help="teacher-labelled mixtures of the training photos "
+                   "(privface mixtures)")
+    p.add_argument("--mixtures-p", type=float, default=0.0,
+                   help="share of each batch's samples drawn from --mixtures")
     p.add_argument("--subset-val-every", type=int, default=1,
                    help="held-out accuracy per fixed subset every N epochs and at the last "
                    "(0: never)")
@@ -112,6 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func="privface.model_commands:cmd_train")
+
+    p = sub.add_parser("mixtures", help="blend pairs of training photos and label each blend "
+                       "with the dlib teacher (for privface train --mixtures)")
+    p.add_argument(
+        "--data", action="append", required=True, help="dataset folder in LFW layout (repeatable)"
+    )
+    p.add_argument("--pairs", help="LFW pairs.txt: identities of folds 6-10 are excluded")
+    p.add_argument("--count", type=int, required=True, help="how many mixtures")
+    p.add_argument("--out", required=True, help=".npz to write")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the training run's seed (its held-out identities are left out)")
+    p.add_argument("--val-identities", type=int, default=60)
+    p.add_argument("--limit-identities", type=int, help="first N identities of each set")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--cache-dir")
+    p.add_argument("--config")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func="privface.model_commands:cmd_mixtures")
 
     p = sub.add_parser("eval", help="evaluate models: LFW verification or 1:N identification")
     p.add_argument("protocol", choices=["lfw", "identify"])

@@ -1,4 +1,5 @@
-"""Model commands: ``privface train``, ``eval lfw|identify``, ``quantize`` and ``whiten``."""
+"""Model commands: ``privface train``, ``mixtures``, ``eval lfw|identify``, ``quantize`` and
+``whiten``."""
 
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ def cmd_train(args) -> int:
         feature_weight=args.feature_weight,
         mixup_teacher=args.mixup_teacher,
         mixup_p=args.mixup_p,
+        mixtures=args.mixtures,
+        mixtures_p=args.mixtures_p,
         seed=args.seed,
         limit_identities=args.limit_identities,
         threads=args.threads,
@@ -71,6 +74,24 @@ def cmd_train(args) -> int:
         Path(args.ship).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(Path(args.out) / "model.pt", args.ship)
         print(f"shipped {args.ship} ({Path(args.ship).stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_mixtures(args) -> int:
+    from enrollment.training import TrainConfig, build_mixture_set
+
+    settings = load_settings(args.config)
+    config = TrainConfig(
+        data=args.data,
+        out_dir="",
+        cache_dir=args.cache_dir or settings.cache_dir,
+        pairs=args.pairs,
+        seed=args.seed,
+        val_identities=args.val_identities,
+        limit_identities=args.limit_identities,
+        workers=args.workers,
+    )
+    print(json.dumps(build_mixture_set(config, args.count, args.out, progress=not args.quiet)))
     return 0
 
 

@@ -526,6 +526,52 @@ def test_mixup_distillation_from_an_rgb_model(tiny_run, tmp_path):
         train(dataclasses.replace(run, mixup_p=0.0), progress=False)
 
 
+def test_teacher_labelled_mixtures(tiny_run, tmp_path):
+    """privface mixtures blends only the run's training images (no test or held-out
+    identity); a run draws about the asked share of its samples from them and logs their
+    loss apart; a file that mixes in a test identity is refused."""
+    import dataclasses
+
+    from enrollment import mixtures
+    from enrollment.training import (
+        build_mixture_set,
+        image_keys,
+        mixture_pool,
+        split_validation,
+    )
+
+    config, _ = tiny_run
+    out = str(tmp_path / "mixtures.npz")
+    build_mixture_set(config, 24, out, progress=False)
+    made = mixtures.load(out)
+    data, names = load_training_data(config)
+    keys = image_keys(data, names)
+    held = set(keys[split_validation(data.labels, config.val_identities, config.seed)])
+    _, pool_keys, _ = mixture_pool(config)
+    assert held and not held & set(pool_keys)
+    assert set(made.keys_a) | set(made.keys_b) <= set(pool_keys)
+    assert all(k.startswith("lfw-deepfunneled/") for k in made.keys_a)
+
+    run = dataclasses.replace(config, out_dir=str(tmp_path / "run"), epochs=2,
+                              mixtures=out, mixtures_p=0.5, subset_val_every=0)
+    summary = train(run, progress=False)
+    assert summary["mixtures"] == 24
+    log = [json.loads(line) for line in Path(run.out_dir, "log.jsonl").read_text().splitlines()]
+    assert all(0.3 < rec["blend_share"] < 0.7 for rec in log)
+    assert all(0 < rec["blend_distill"] < 2 for rec in log)
+    assert all(rec["loss"] != pytest.approx(rec["distill"], abs=1e-6) for rec in log)
+    with pytest.raises(ValueError, match="need both"):
+        train(dataclasses.replace(run, mixtures_p=0.0), progress=False)
+
+    excluded = sorted(held_out_identities(config.pairs))[0]
+    leaked = dataclasses.replace(made, keys_b=np.array(
+        [f"lfw-deepfunneled/{excluded}/{excluded}_0001.jpg"] * len(made.keys_b)))
+    mixtures.save(leaked, tmp_path / "leaked.npz")
+    with pytest.raises(ValueError, match="test identities"):
+        train(dataclasses.replace(run, out_dir=str(tmp_path / "leak"),
+                                  mixtures=str(tmp_path / "leaked.npz")), progress=False)
+
+
 def test_subset_stems_warm_start_from_a_shared_stem_model(tiny_run, tmp_path):
     """--subset-stems with --init of a shared-stem model: the run starts from that model's
     function (every subset's stem = the shared one; lr 0 keeps it) and is evaluated as the
