@@ -173,13 +173,18 @@ def mixture_pool(config: TrainConfig) -> tuple[list[str], np.ndarray, np.ndarray
     return [p for p, k in zip(paths, keep, strict=True) if k], keys[keep], data.labels[keep]
 
 
-def build_mixture_set(config: TrainConfig, count: int, out: str, progress: bool = True) -> dict:
+def build_mixture_set(
+    config: TrainConfig, count: int, out: str, draw_seed: int | None = None,
+    progress: bool = True,
+) -> dict:
     """``count`` teacher-labelled mixtures of ``config``'s training images, written to
-    ``out`` (``privface mixtures``)."""
+    ``out`` (``privface mixtures``); ``draw_seed`` (default: the run's seed, which sets the
+    held-out split) draws the pairs, so another one makes a fresh set for the same run."""
     from enrollment import mixtures
 
     paths, keys, labels = mixture_pool(config)
-    made = mixtures.build(paths, list(keys), labels, count, seed=config.seed,
+    made = mixtures.build(paths, list(keys), labels, count,
+                          seed=config.seed if draw_seed is None else draw_seed,
                           workers=config.workers, progress=progress)
     mixtures.save(made, out)
     return {"mixtures": count, "from_images": len(paths),

@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help=".npz to write")
     p.add_argument("--seed", type=int, default=0,
                    help="the training run's seed (its held-out identities are left out)")
+    p.add_argument("--draw-seed", type=int,
+                   help="seed of the pairs and shares (default: --seed): another draw, a fresh set")
     p.add_argument("--val-identities", type=int, default=60)
     p.add_argument("--limit-identities", type=int, help="first N identities of each set")
     p.add_argument("--workers", type=int, default=2)

@@ -91,7 +91,9 @@ def cmd_mixtures(args) -> int:
         limit_identities=args.limit_identities,
         workers=args.workers,
     )
-    print(json.dumps(build_mixture_set(config, args.count, args.out, progress=not args.quiet)))
+    made = build_mixture_set(config, args.count, args.out, draw_seed=args.draw_seed,
+                             progress=not args.quiet)
+    print(json.dumps(made))
     return 0
 
 

@@ -551,6 +551,12 @@ def test_teacher_labelled_mixtures(tiny_run, tmp_path):
     assert held and not held & set(pool_keys)
     assert set(made.keys_a) | set(made.keys_b) <= set(pool_keys)
     assert all(k.startswith("lfw-deepfunneled/") for k in made.keys_a)
+    build_mixture_set(config, 24, str(tmp_path / "again.npz"), progress=False)
+    build_mixture_set(config, 24, str(tmp_path / "other.npz"), draw_seed=5, progress=False)
+    again, other = mixtures.load(tmp_path / "again.npz"), mixtures.load(tmp_path / "other.npz")
+    assert np.array_equal(again.keys_a, made.keys_a) and np.array_equal(again.teacher, made.teacher)
+    assert not np.array_equal(other.keys_a, made.keys_a)
+    assert set(other.keys_a) | set(other.keys_b) <= set(pool_keys)
 
     run = dataclasses.replace(config, out_dir=str(tmp_path / "run"), epochs=2,
                               mixtures=out, mixtures_p=0.5, subset_val_every=0)
