@@ -122,8 +122,15 @@ def warp(image: np.ndarray, matrix: np.ndarray, size: int = CROP_SIZE) -> np.nda
 
 def five_points(shape) -> np.ndarray:
     """Eye centres, nose tip and mouth corners from a dlib 68-point shape."""
-    pts = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
-    return np.stack([pts[36:42].mean(0), pts[42:48].mean(0), pts[30], pts[48], pts[54]])
+    return five_of_68(np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64))
+
+
+def five_of_68(points: np.ndarray) -> np.ndarray:
+    """Eye centres, nose tip and mouth corners of (68, 2) landmarks (the 68-point scheme's
+    indices; also for landmarks that are no detector's, e.g. of a blend of two faces)."""
+    return np.stack(
+        [points[36:42].mean(0), points[42:48].mean(0), points[30], points[48], points[54]]
+    )
 
 
 def detect(image: np.ndarray, cnn_fallback: bool = False) -> tuple[list, str]:

@@ -6,7 +6,8 @@ labels its mixtures with an RGB student of the teacher (96% on LFW where the tea
 98.6%); here two training photos are blended in one raw frame (the second warped onto the
 first's landmarks) and the dlib network embeds the blend as it embeds any photo, from the
 blend's own landmarks, so the target is the teacher's.  A dlib forward per mixture is too
-slow for the training loop (~50 ms on one core), so a set is computed once and cached.
+slow for the training loop (~80 ms per mixture on one core, loading and warping included), so
+a set is computed once and cached.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from PIL import Image
 from enrollment.align import (
     ARCFACE_TEMPLATE,
     AlignmentError,
+    five_of_68,
     load_image,
     similarity_transform,
     warp,
@@ -39,13 +41,6 @@ class MixtureSet:
     keys_a: np.ndarray  # (M,) str "dataset/Identity/file" of each ingredient
     keys_b: np.ndarray
     weights: np.ndarray  # (M,) float32 share of a
-
-
-def five_from_68(points: np.ndarray) -> np.ndarray:
-    """Eye centres, nose tip and mouth corners (``align.five_points``) of a (68, 2) array."""
-    return np.stack(
-        [points[36:42].mean(0), points[42:48].mean(0), points[30], points[48], points[54]]
-    )
 
 
 def _landmarks(job: tuple[str, tuple[int, int, int, int] | None]):
@@ -108,7 +103,7 @@ def _mixture(job):
     image_a, _ = load_image(path_a)
     image_b, _ = load_image(path_b)
     mixed, points = blend(image_a, points_a, image_b, points_b, weight)
-    crop = warp(mixed, similarity_transform(five_from_68(points), ARCFACE_TEMPLATE))
+    crop = warp(mixed, similarity_transform(five_of_68(points), ARCFACE_TEMPLATE))
     ints = np.rint(points).astype(int)
     x0, y0 = ints.min(0)
     x1, y1 = ints.max(0)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from enrollment import mixtures as mx
+from enrollment.align import five_of_68
 from enrollment.face_cache import _process
 
 
@@ -28,7 +29,7 @@ def test_landmarks_lie_on_the_face(photos):
     paths, points = photos
     assert points.shape == (4, 68, 2)
     for path, pts in zip(paths, points, strict=True):
-        five = mx.five_from_68(pts)
+        five = five_of_68(pts)
         assert five.shape == (5, 2) and five[0, 0] < five[1, 0]  # left eye left of right eye
         h, w = load_image(path)[0].shape[:2]
         assert (pts >= 0).all() and (pts[:, 0] < w).all() and (pts[:, 1] < h).all()
