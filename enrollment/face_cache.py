@@ -80,8 +80,9 @@ def face_shape(image: np.ndarray, box: tuple[int, int, int, int] | None):
     return _landmarker()(image, rect), rect
 
 
-def _process(job: tuple[str, tuple[int, int, int, int] | None, bool]):
-    path, box, with_teacher = job
+def photo_shape(path: str, box: tuple[int, int, int, int] | None):
+    """(image, 68-point shape, box as a tuple) of a photo file, ``face_shape``'s face; None
+    where the file is unreadable, "no_face" where no face is found (retry with a box)."""
     try:
         image, _ = load_image(path)
     except AlignmentError:
@@ -90,9 +91,18 @@ def _process(job: tuple[str, tuple[int, int, int, int] | None, bool]):
     if found is None:
         return "no_face"
     shape, rect = found
+    return image, shape, (rect.left(), rect.top(), rect.right(), rect.bottom())
+
+
+def _process(job: tuple[str, tuple[int, int, int, int] | None, bool]):
+    path, box, with_teacher = job
+    found = photo_shape(path, box)
+    if not isinstance(found, tuple):
+        return found
+    image, shape, rect = found
     crop = warp(image, similarity_transform(five_points(shape), ARCFACE_TEMPLATE))
     desc = teacher_descriptor(image, shape) if with_teacher else np.zeros(128, np.float32)
-    return crop, desc, (rect.left(), rect.top(), rect.right(), rect.bottom())
+    return crop, desc, rect
 
 
 def list_dataset(root: str | os.PathLike) -> list[tuple[str, str]]:

@@ -21,13 +21,12 @@ from PIL import Image
 
 from enrollment.align import (
     ARCFACE_TEMPLATE,
-    AlignmentError,
     five_of_68,
     load_image,
     similarity_transform,
     warp,
 )
-from enrollment.face_cache import face_shape, run_jobs, teacher_descriptor
+from enrollment.face_cache import photo_shape, run_jobs, teacher_descriptor
 
 MIXTURES_VERSION = 1
 
@@ -44,17 +43,11 @@ class MixtureSet:
 
 
 def _landmarks(job: tuple[str, tuple[int, int, int, int] | None]):
-    path, box = job
-    try:
-        image, _ = load_image(path)
-    except AlignmentError:
-        return None
-    found = face_shape(image, box)
-    if found is None:
-        return "no_face"
-    shape, rect = found
-    points = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
-    return points, (rect.left(), rect.top(), rect.right(), rect.bottom())
+    found = photo_shape(*job)
+    if not isinstance(found, tuple):
+        return found
+    _, shape, box = found
+    return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64), box
 
 
 def landmarks(paths: list[str], workers: int = 2, progress: bool = True) -> np.ndarray:
